@@ -1,0 +1,14 @@
+"""hybrid-lora: rank-flexible, continual LoRA fine-tuning of causal LMs (DyLoRA ordering + DC loss)."""
+from .adapters import (build_model, count_trainable_params, flatten_lora_params, load_adapter,
+                       lora_factors, rebuild_model_for_new_rank)
+from .config import ExperimentConfig
+from .evaluate import evaluate_loss_and_token_acc
+from .losses import domain_correlation_loss, ordering_regularizer
+from .methods import METHODS
+from .train import run_all, run_experiment
+
+__version__ = "0.1.0"
+__all__ = ["ExperimentConfig", "build_model", "count_trainable_params", "domain_correlation_loss",
+           "evaluate_loss_and_token_acc", "flatten_lora_params", "load_adapter", "lora_factors",
+           "METHODS", "ordering_regularizer", "rebuild_model_for_new_rank", "run_all",
+           "run_experiment"]

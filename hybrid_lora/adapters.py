@@ -1,0 +1,171 @@
+"""Base model + PEFT LoRA: building, reading the LoRA factors, flattening, changing rank.
+
+Conventions (PEFT's): in every LoRA module, A = `lora_A.weight` has shape [r, in] and
+B = `lora_B.weight` has shape [out, r]; delta W = scaling * B @ A with scaling = alpha / r.
+Rank component i is row i of A and column i of B. Modules are always visited in
+`model.named_modules()` order (for GPT-2: layer 0, 1, ...), which fixes the layout of
+every flattened vector: for each module, A[:k] row-major, then B[:, :k] row-major.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from .config import TINY_MODEL, ExperimentConfig
+
+ADAPTER = "default"  # PEFT's adapter name
+
+
+# ---------------------------------------------------------------------- building
+def byte_tokenizer():
+    """A byte-level tokenizer that needs no download: 256 byte tokens + `<|endoftext|>` (id 0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos,
+                                   unk_token=eos, pad_token=eos)
+
+
+def load_tokenizer(cfg: ExperimentConfig):
+    """The tokenizer of `cfg.model_name` with pad = eos and right padding."""
+    if cfg.model_name == TINY_MODEL:
+        tok = byte_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(cfg.model_name)
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def build_base_model(cfg: ExperimentConfig, vocab_size: int | None = None) -> nn.Module:
+    """The frozen base LM. Deterministic: a random TINY_MODEL is seeded with `cfg.base_seed`
+    without touching the global RNG, so every call returns identical weights."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    if cfg.model_name == TINY_MODEL:
+        gcfg = GPT2Config(vocab_size=vocab_size or 257, n_positions=max(cfg.max_length, 64),
+                          n_layer=cfg.tiny_n_layer, n_embd=cfg.tiny_n_embd, n_head=cfg.tiny_n_head,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.base_seed)
+            base = GPT2LMHeadModel(gcfg)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(cfg.model_name)
+    base.requires_grad_(False)
+    return base
+
+
+def lora_config(cfg: ExperimentConfig, r: int | None = None, lora_alpha: float | None = None) -> LoraConfig:
+    """PEFT's LoraConfig for this experiment (optionally at another rank / alpha)."""
+    return LoraConfig(r=cfg.r if r is None else r,
+                      lora_alpha=cfg.lora_alpha if lora_alpha is None else lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules),
+                      task_type="CAUSAL_LM", fan_in_fan_out=True)  # GPT-2's c_attn is a Conv1D
+
+
+def build_model(cfg: ExperimentConfig, device: torch.device | str = "cpu"):
+    """(PEFT model with LoRA attached and only LoRA trainable, tokenizer), on `device`."""
+    tok = load_tokenizer(cfg)
+    model = get_peft_model(build_base_model(cfg, vocab_size=len(tok)), lora_config(cfg))
+    return model.to(device), tok
+
+
+# ----------------------------------------------------------------------- factors
+def lora_factors(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """[(module name, A [r, in], B [out, r], scaling)] of every LoRA module, live parameters."""
+    out = []
+    for name, mod in model.named_modules():
+        lora_a = getattr(mod, "lora_A", None)
+        if isinstance(lora_a, nn.ModuleDict) and ADAPTER in lora_a:
+            out.append((name, lora_a[ADAPTER].weight, mod.lora_B[ADAPTER].weight, mod.scaling[ADAPTER]))
+    if not out:
+        raise ValueError("model has no LoRA modules (expected a PEFT LoRA model)")
+    return out
+
+
+def snapshot_factors(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Detached copies [(A, B)] of the LoRA factors, on the model's device (e.g. Stage-1 weights)."""
+    return [(a.detach().clone(), b.detach().clone()) for _, a, b, _ in lora_factors(model)]
+
+
+def flatten_factors(factors, rank: int | None = None) -> torch.Tensor:
+    """1-D vector of [(A, B), ...]: per module A[:rank] then B[:, :rank], each row-major."""
+    parts = []
+    for a, b in factors:
+        k = a.shape[0] if rank is None else rank
+        if k > a.shape[0]:
+            raise ValueError(f"rank={k} exceeds the factors' rank {a.shape[0]}")
+        parts += [a[:k].reshape(-1), b[:, :k].reshape(-1)]
+    return torch.cat(parts)
+
+
+def flatten_lora_params(model: nn.Module, rank: int | None = None, detach: bool = False) -> torch.Tensor:
+    """All LoRA A and B weights as one 1-D vector (layout in the module docstring).
+
+    `rank=k` keeps each module's first k components, so a higher-rank model's vector
+    cut to k lines up element by element with a rank-k model's vector. Live (gradients
+    flow, same device) unless `detach=True`.
+    """
+    vec = flatten_factors([(a, b) for _, a, b, _ in lora_factors(model)], rank)
+    return vec.detach() if detach else vec
+
+
+def current_rank(model: nn.Module) -> int:
+    """The LoRA rank r of the model's (single, uniform) adapter."""
+    ranks = {a.shape[0] for _, a, _, _ in lora_factors(model)}
+    if len(ranks) != 1:
+        raise ValueError(f"model has LoRA modules of several ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+def count_trainable_params(model: nn.Module) -> int:
+    """Number of parameters with requires_grad, measured from the model."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------ change rank
+def rebuild_model_for_new_rank(model: nn.Module, new_r: int, cfg: ExperimentConfig,
+                               scaling: str = "preserve") -> nn.Module:
+    """A fresh base model with a rank-`new_r` LoRA holding the first `new_r` components.
+
+    scaling="preserve": alpha_new = alpha * new_r / old_r, so alpha/r and every kept
+    component's contribution are unchanged. scaling="peft": alpha is kept, so alpha/r
+    grows by old_r/new_r (what the original implementation did, for comparison).
+    The caller must drop the old model and build a new optimizer over the new parameters.
+    """
+    if scaling not in ("preserve", "peft"):
+        raise ValueError(f"scaling={scaling!r}: must be 'preserve' or 'peft'")
+    old_cfg = model.peft_config[ADAPTER]
+    old_r = old_cfg.r
+    if not 1 <= new_r <= old_r:
+        raise ValueError(f"new_r={new_r}: must be between 1 and the current rank {old_r}")
+    alpha = old_cfg.lora_alpha * new_r / old_r if scaling == "preserve" else old_cfg.lora_alpha
+    device = next(p.device for _, p, _, _ in lora_factors(model))
+    base = build_base_model(cfg, vocab_size=model.get_input_embeddings().num_embeddings)
+    new = get_peft_model(base, lora_config(cfg, r=new_r, lora_alpha=alpha)).to(device)
+    with torch.no_grad():
+        for (name, a_old, b_old, _), (name_new, a_new, b_new, _) in zip(lora_factors(model),
+                                                                         lora_factors(new)):
+            assert name == name_new, (name, name_new)
+            a_new.copy_(a_old[:new_r])     # [new_r, in]
+            b_new.copy_(b_old[:, :new_r])  # [out, new_r]
+    new.train(model.training)
+    return new
+
+
+def load_adapter(cfg: ExperimentConfig, path: str | Path, device: torch.device | str = "cpu"):
+    """A PEFT adapter saved with `save_pretrained`, on a fresh base model built from `cfg`."""
+    tok = load_tokenizer(cfg)
+    model = PeftModel.from_pretrained(build_base_model(cfg, vocab_size=len(tok)), str(path))
+    return model.to(device).eval()

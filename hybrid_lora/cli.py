@@ -1,0 +1,68 @@
+"""Command line: `python -m hybrid_lora run --preset smoke|paper ... --out DIR`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .config import METHOD_NAMES, ExperimentConfig
+from .results import format_table
+
+PRESETS = {"smoke": ExperimentConfig.smoke, "paper": ExperimentConfig.paper}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hybrid_lora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and evaluate methods x seeds, write results")
+    run.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    run.add_argument("--methods", nargs="+", choices=METHOD_NAMES, help="default: all four")
+    run.add_argument("--seeds", nargs="+", type=int, help="default: the preset's seeds")
+    run.add_argument("--data-dir", help="read <DIR>/<domain>.jsonl instead of the hub / built-in corpus")
+    run.add_argument("--model", help="base model: hub name or local folder")
+    run.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                     help="override any ExperimentConfig field, e.g. --set lambda_dc=0.5 rank_schedule=8,4,2")
+    run.add_argument("--out", required=True, help="results folder")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The preset, then --data-dir / --model / --methods / --seeds, then --set overrides."""
+    cfg = PRESETS[args.preset]()
+    changes = {}
+    if args.data_dir:
+        changes.update(data_source="local", data_dir=args.data_dir)
+    if args.model:
+        changes["model_name"] = args.model
+    if args.methods:
+        changes["methods"] = tuple(args.methods)
+    if args.seeds:
+        changes["seeds"] = tuple(args.seeds)
+    cfg = dataclasses.replace(cfg, **changes)
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value.strip()
+    return cfg.with_overrides(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    from .train import run_all  # heavy imports only once the arguments are good
+
+    rows = run_all(cfg, args.out, progress=not args.no_progress)
+    print(format_table(rows))
+    print(f"results: {args.out}/<method>/seed<k>/ ; summary: {args.out}/summary.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""`ExperimentConfig`: every knob of a run in one dataclass, validated on construction.
+
+Defaults equal the paper (GPT-2, LoRA r=64 / alpha=32 on `c_attn`, 3 + 3 epochs,
+Stage-2 ranks 64 -> 32 -> 16, lambda_order=1e-4, lambda_dc=0.1). Presets are
+classmethods; change fields inline with `dataclasses.replace` (which re-validates).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+METHOD_NAMES = ("lora", "dylora", "dc", "hybrid")
+DATA_SOURCES = ("hub", "local", "builtin")
+BUILTIN_DOMAINS = ("imdb", "yelp")
+HUB_DOMAINS = {  # domain -> (dataset name, train split, eval split, text column)
+    "imdb": ("imdb", "train", "test", "text"),
+    "yelp": ("yelp_polarity", "train", "test", "text"),
+}
+TINY_MODEL = "tiny-random-gpt2"  # built from GPT2Config, no download
+DEVICES = ("auto", "cpu", "cuda", "mps")
+REBUILD_SCALINGS = ("preserve", "peft")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every setting of a two-stage run. Field names follow the paper and PEFT."""
+
+    # base model: a hub name, a local folder, or TINY_MODEL (random GPT-2 from GPT2Config)
+    model_name: str = "gpt2"
+    tiny_n_layer: int = 2  # only used by TINY_MODEL
+    tiny_n_embd: int = 64
+    tiny_n_head: int = 2
+    base_seed: int = 0  # seeds the random init of TINY_MODEL, so every rebuild gets the same base
+    # LoRA (PEFT names)
+    r: int = 64
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("c_attn",)
+    # data
+    domains: tuple[str, ...] = ("imdb", "yelp")  # Stage 1 domain, Stage 2 domain
+    data_source: str = "hub"  # "hub" (HF datasets), "local" (<data_dir>/<domain>.jsonl), "builtin"
+    data_dir: str | None = None
+    n_train: int = 3000
+    n_eval: int = 1000
+    data_seed: int = 42
+    max_length: int = 128
+    batch_size: int = 8
+    # optimisation
+    epochs_stage1: int = 3
+    epochs_stage2: int = 3
+    lr: float = 5e-5
+    weight_decay: float = 0.01  # torch.optim.AdamW's default
+    lambda_order: float = 1e-4
+    lambda_dc: float = 0.1
+    rank_schedule: tuple[int, ...] = (64, 32, 16)  # Stage-2 rank of each epoch
+    rebuild_scaling: str = "preserve"  # "preserve" or "peft" (the original's alpha/r drift)
+    # runs
+    methods: tuple[str, ...] = METHOD_NAMES
+    seeds: tuple[int, ...] = (42, 43, 44)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        # JSON and the CLI give lists; keep tuples so the config stays hashable and frozen.
+        for name in ("target_modules", "domains", "rank_schedule", "methods", "seeds"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            object.__setattr__(self, name, tuple(value))
+        self.validate()
+
+    # ---------------------------------------------------------------- presets
+    @classmethod
+    def paper(cls) -> "ExperimentConfig":
+        """The paper's setting: GPT-2 from the hub, IMDb -> Yelp, 3000/1000 samples."""
+        return cls()
+
+    @classmethod
+    def smoke(cls) -> "ExperimentConfig":
+        """A CPU run of seconds: tiny random GPT-2, byte tokenizer, built-in corpus."""
+        return cls(
+            model_name=TINY_MODEL, r=8, lora_alpha=16.0, rank_schedule=(8, 4, 2),
+            data_source="builtin", n_train=96, n_eval=48, max_length=64, batch_size=8,
+            epochs_stage1=2, epochs_stage2=3, lr=2e-3, seeds=(42,), device="cpu",
+        )
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the bad value."""
+
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"ExperimentConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("r", "max_length", "batch_size", "n_train", "n_eval",
+                     "tiny_n_layer", "tiny_n_embd", "tiny_n_head"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(name, "must be a positive integer")
+        for name in ("epochs_stage1", "epochs_stage2"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise bad(name, "must be a non-negative integer")
+        if self.lora_alpha <= 0:
+            raise bad("lora_alpha", "must be positive")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise bad("lora_dropout", "must be in [0, 1)")
+        if self.lr <= 0:
+            raise bad("lr", "must be positive")
+        for name in ("lambda_order", "lambda_dc", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        if not self.target_modules:
+            raise bad("target_modules", "name at least one module")
+        if not self.rank_schedule:
+            raise bad("rank_schedule", "give one rank per Stage-2 epoch")
+        for k in self.rank_schedule:
+            if not isinstance(k, int) or k < 1:
+                raise bad("rank_schedule", f"rank {k!r} is below 1")
+            if k > self.r:
+                raise bad("rank_schedule", f"rank {k} is above r={self.r}")
+        if any(b > a for a, b in zip(self.rank_schedule, self.rank_schedule[1:])):
+            raise bad("rank_schedule", "ranks must be non-increasing")
+        if len(self.rank_schedule) != self.epochs_stage2:
+            raise bad("rank_schedule", f"needs one rank per Stage-2 epoch "
+                      f"(epochs_stage2={self.epochs_stage2}, got {len(self.rank_schedule)})")
+        if self.rebuild_scaling not in REBUILD_SCALINGS:
+            raise bad("rebuild_scaling", f"must be one of {REBUILD_SCALINGS}")
+        for m in self.methods:
+            if m not in METHOD_NAMES:
+                raise bad("methods", f"unknown method {m!r}; known: {METHOD_NAMES}")
+        if not self.seeds:
+            raise bad("seeds", "give at least one seed")
+        if self.data_source not in DATA_SOURCES:
+            raise bad("data_source", f"must be one of {DATA_SOURCES}")
+        if self.data_source == "local" and not self.data_dir:
+            raise bad("data_dir", "data_source='local' needs a data_dir")
+        if len(self.domains) != 2:
+            raise bad("domains", "give exactly two domains: Stage 1, then Stage 2")
+        if len(set(self.domains)) != len(self.domains):
+            raise bad("domains", "the two stages need different domains")
+        known = {"hub": tuple(HUB_DOMAINS), "builtin": BUILTIN_DOMAINS}.get(self.data_source)
+        for d in self.domains:
+            if known is not None and d not in known:
+                raise bad("domains", f"unknown {self.data_source} domain {d!r}; known: {known}")
+        if self.device not in DEVICES:
+            raise bad("device", f"must be one of {DEVICES}")
+
+    # ------------------------------------------------------------ conversion
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict of every field (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExperimentConfig":
+        """Inverse of `to_dict`; unknown keys (e.g. `method`, `seed`) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def with_overrides(self, overrides: dict[str, str]) -> "ExperimentConfig":
+        """Apply `field=value` strings (from the CLI), coerced to each field's type."""
+        hints = typing.get_type_hints(type(self))
+        changes = {}
+        for name, text in overrides.items():
+            if name not in hints:
+                raise ValueError(f"unknown ExperimentConfig field {name!r} in --set {name}={text}")
+            changes[name] = _coerce(name, text, hints[name])
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, text: str, hint) -> object:
+    """Turn a CLI string into a value of type `hint` (int, float, str, bool, tuples, Optional)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if hint in (int, float, str):
+            return hint(text)
+        if origin is tuple:
+            items = json.loads(text) if text.startswith("[") else text.split(",")
+            return tuple(args[0](x) for x in items if str(x).strip() != "")
+        if type(None) in args:  # Optional[X]
+            if text.lower() in ("none", "null", ""):
+                return None
+            return _coerce(name, text, next(a for a in args if a is not type(None)))
+    except ValueError:
+        raise ValueError(f"--set {name}={text}: cannot read {text!r} as {hint}") from None
+    raise ValueError(f"--set {name}: unsupported field type {hint}")

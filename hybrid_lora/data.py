@@ -1,0 +1,121 @@
+"""Domains by name -> texts -> fixed-length tokenized tensors -> DataLoaders.
+
+Sources (`cfg.data_source`):
+- "hub": Hugging Face datasets (`imdb`, `yelp_polarity`), shuffled with `data_seed`.
+- "local": `<data_dir>/<domain>.jsonl`, rows `{"text": str, "split": "train"|"test", ...}`.
+- "builtin": a small two-domain corpus generated here from a seeded RNG (no files, no network).
+
+Labels are the input ids with padding positions, found from the attention mask
+(not from the token id, since pad = eos), set to -100.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .config import HUB_DOMAINS, ExperimentConfig
+
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------------ text sources
+def load_texts(cfg: ExperimentConfig, domain: str) -> tuple[list[str], list[str]]:
+    """(train texts, eval texts) of one domain: `n_train` and `n_eval` drawn with `data_seed`."""
+    if cfg.data_source == "hub":
+        return _hub_texts(cfg, domain)
+    if cfg.data_source == "local":
+        return _local_texts(cfg, domain)
+    return _builtin_texts(domain, cfg.n_train, cfg.n_eval, cfg.data_seed)
+
+
+def _take(texts: list[str], n: int, seed: int, what: str) -> list[str]:
+    if len(texts) < n:
+        raise ValueError(f"{what}: asked for {n} samples, only {len(texts)} available")
+    order = random.Random(seed).sample(range(len(texts)), n)
+    return [texts[i] for i in order]
+
+
+def _local_texts(cfg: ExperimentConfig, domain: str) -> tuple[list[str], list[str]]:
+    path = Path(cfg.data_dir) / f"{domain}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"domain {domain!r}: no file {path} (data_dir={cfg.data_dir!r})")
+    splits: dict[str, list[str]] = {"train": [], "test": []}
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("split") not in splits or not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}:{line_no}: need 'text' (str) and 'split' in {list(splits)}")
+            splits[row["split"]].append(row["text"])
+    return (_take(splits["train"], cfg.n_train, cfg.data_seed, f"{path} train"),
+            _take(splits["test"], cfg.n_eval, cfg.data_seed, f"{path} test"))
+
+
+def _hub_texts(cfg: ExperimentConfig, domain: str) -> tuple[list[str], list[str]]:
+    from datasets import load_dataset  # imported here: only the hub path needs it
+
+    name, train_split, eval_split, column = HUB_DOMAINS[domain]
+    ds = load_dataset(name)
+    out = []
+    for split, n in ((train_split, cfg.n_train), (eval_split, cfg.n_eval)):
+        part = ds[split].shuffle(seed=cfg.data_seed)
+        if len(part) < n:
+            raise ValueError(f"hub dataset {name!r}/{split}: asked for {n}, has {len(part)}")
+        out.append(list(part.select(range(n))[column]))
+    return out[0], out[1]
+
+
+_SUBJECTS = {
+    "imdb": ["the film", "this movie", "the director", "the plot", "the lead actor",
+             "the soundtrack", "the script", "the ending", "the cast", "the sequel"],
+    "yelp": ["the waiter", "the pasta", "our table", "the service", "the pizza",
+             "the dessert", "the menu", "the chef", "the coffee", "the staff"],
+}
+_VERBS = {
+    "imdb": ["was", "felt", "looked", "seemed", "turned out"],
+    "yelp": ["was", "tasted", "came out", "seemed", "smelled"],
+}
+_ADJECTIVES = ["great", "awful", "boring", "wonderful", "slow", "fresh", "bland", "brilliant",
+               "cold", "funny", "rude", "friendly", "long", "perfect", "cheap", "overrated"]
+_ENDINGS = {
+    "imdb": ["I would watch it again.", "Skip this one.", "Ten out of ten.", "Wait for the DVD."],
+    "yelp": ["We will be back.", "Never again.", "Five stars.", "Tip the staff well."],
+}
+
+
+def _builtin_texts(domain: str, n_train: int, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    """Templated reviews: movies for 'imdb', restaurants for 'yelp'; seeded, so reproducible."""
+    rng = random.Random(f"{domain}-{seed}")
+
+    def review() -> str:
+        sentences = [f"{rng.choice(_SUBJECTS[domain]).capitalize()} {rng.choice(_VERBS[domain])} "
+                     f"{rng.choice(_ADJECTIVES)}." for _ in range(rng.randint(2, 5))]
+        return " ".join(sentences + [rng.choice(_ENDINGS[domain])])
+
+    texts = [review() for _ in range(n_train + n_eval)]
+    return texts[:n_train], texts[n_train:]
+
+
+# ------------------------------------------------------------------ tokenization
+def tokenize(texts: list[str], tokenizer, max_length: int) -> TensorDataset:
+    """Fixed-length (input_ids, attention_mask, labels), each [N, max_length]; pad = eos."""
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    input_ids, mask = enc["input_ids"], enc["attention_mask"]
+    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)  # by mask: a real eos is still learned
+    return TensorDataset(input_ids, mask, labels)
+
+
+def make_loaders(cfg: ExperimentConfig, tokenizer, domain: str, seed: int) -> tuple[DataLoader, DataLoader]:
+    """(train loader shuffled by a generator seeded with `seed`, eval loader in fixed order)."""
+    train_texts, eval_texts = load_texts(cfg, domain)
+    g = torch.Generator().manual_seed(seed)
+    train = DataLoader(tokenize(train_texts, tokenizer, cfg.max_length), batch_size=cfg.batch_size,
+                       shuffle=True, generator=g)
+    evals = DataLoader(tokenize(eval_texts, tokenizer, cfg.max_length), batch_size=cfg.batch_size)
+    return train, evals

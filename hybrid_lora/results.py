@@ -1,0 +1,111 @@
+"""Result files: layout, schema, atomic writes, derived metrics, summary table. No torch here.
+
+Layout of one run: `<out>/<method>/seed<k>/` with
+- `config.json`   every ExperimentConfig field, plus `method` and `seed`;
+- `history.json`  list of per-epoch rows with keys HISTORY_KEYS;
+- `metrics.json`  EVAL_KEYS as {"loss", "acc", "tokens"} plus DERIVED_KEYS and `schema_version`;
+- `adapter_stage1/`, `adapter_final/`  PEFT `save_pretrained` folders.
+`<out>/summary.csv` is rebuilt from all run folders (one row per run, SUMMARY_COLUMNS).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+HISTORY_KEYS = ("stage", "epoch", "rank", "train_ce", "train_order", "train_dc", "eval_loss",
+                "eval_acc", "cos_to_stage1", "trainable_params", "seconds")
+EVAL_KEYS = ("A_base", "B_base", "A_after_stage1", "A_after_stage2", "B_after_stage2")
+DERIVED_KEYS = ("retention", "delta_loss_A", "gain_retained")
+SUMMARY_COLUMNS = (("method", "seed")
+                   + tuple(f"{k}_{m}" for k in EVAL_KEYS for m in ("loss", "acc"))
+                   + DERIVED_KEYS + ("seconds",))
+
+
+def run_dir(out: str | Path, method: str, seed: int) -> Path:
+    """`<out>/<method>/seed<seed>`."""
+    return Path(out) / method / f"seed{seed}"
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON to a temporary file beside `path`, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, allow_nan=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | Path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def derived_metrics(m: dict) -> dict:
+    """retention = acc A after Stage 2 / after Stage 1; delta_loss_A = loss A after Stage 2 -
+    after Stage 1 (nats/token, > 0 is forgetting); gain_retained = (L_A_base - L_A_after2) /
+    (L_A_base - L_A_after1), NaN when Stage 1 gained nothing."""
+    a1, a2, a0 = m["A_after_stage1"], m["A_after_stage2"], m["A_base"]
+    gain1 = a0["loss"] - a1["loss"]
+    return {
+        "retention": a2["acc"] / a1["acc"] if a1["acc"] > 0 else math.nan,
+        "delta_loss_A": a2["loss"] - a1["loss"],
+        "gain_retained": (a0["loss"] - a2["loss"]) / gain1 if gain1 != 0 else math.nan,
+    }
+
+
+def summary_row(run: Path) -> dict:
+    """One summary-table row from a finished run folder."""
+    cfg, m = read_json(run / "config.json"), read_json(run / "metrics.json")
+    row = {"method": cfg["method"], "seed": cfg["seed"]}
+    for k in EVAL_KEYS:
+        row[f"{k}_loss"], row[f"{k}_acc"] = m[k]["loss"], m[k]["acc"]
+    row.update({k: m[k] for k in DERIVED_KEYS})
+    row["seconds"] = m.get("seconds")
+    return row
+
+
+def finished_runs(out: str | Path) -> list[Path]:
+    """Run folders under `out` that have a metrics.json, in sorted order."""
+    return sorted(p.parent for p in Path(out).glob("*/seed*/metrics.json"))
+
+
+def write_summary(out: str | Path) -> Path:
+    """Rebuild `<out>/summary.csv` from every finished run folder (never appended to)."""
+    rows = [summary_row(r) for r in finished_runs(out)]
+    path = Path(out) / "summary.csv"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".summary.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def load_summary(out: str | Path):
+    """The summary of `out` as a pandas DataFrame (rebuilt from the run folders)."""
+    import pandas as pd
+
+    return pd.read_csv(write_summary(out))
+
+
+def format_table(rows: list[dict]) -> str:
+    """A short fixed-width text table of final metrics, one line per run."""
+    cols = [("method", "method", "{:<10}"), ("seed", "seed", "{:>5}"),
+            ("A1_acc", "A_after_stage1_acc", "{:>8.4f}"), ("A2_acc", "A_after_stage2_acc", "{:>8.4f}"),
+            ("B2_acc", "B_after_stage2_acc", "{:>8.4f}"), ("retain", "retention", "{:>8.4f}"),
+            ("dLossA", "delta_loss_A", "{:>+8.4f}"), ("sec", "seconds", "{:>7.1f}")]
+    head = "method".ljust(10) + "".join("  " + h.rjust(len(f.format(0))) for h, _, f in cols[1:])
+    body = ["  ".join(f.format(r[k]) for _, k, f in cols) for r in rows]
+    return "\n".join([head] + body)
