@@ -5,7 +5,8 @@ Layout of one run: `<out>/<method>/seed<k>/` with
 - `history.json`  list of per-epoch rows with keys HISTORY_KEYS;
 - `metrics.json`  EVAL_KEYS as {"loss", "acc", "tokens"} plus DERIVED_KEYS and `schema_version`;
 - `adapter_stage1/`, `adapter_final/`  PEFT `save_pretrained` folders.
-`<out>/summary.csv` is rebuilt from all run folders (one row per run, SUMMARY_COLUMNS).
+`<out>/summary.csv` is rebuilt from all run folders (one row per run, SUMMARY_COLUMNS;
+`seconds` there is the sum of the epochs' train + eval time from history.json).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def summary_row(run: Path) -> dict:
     for k in EVAL_KEYS:
         row[f"{k}_loss"], row[f"{k}_acc"] = m[k]["loss"], m[k]["acc"]
     row.update({k: m[k] for k in DERIVED_KEYS})
-    row["seconds"] = m.get("seconds")
+    row["seconds"] = sum(h["seconds"] for h in read_json(run / "history.json"))
     return row
 
 
