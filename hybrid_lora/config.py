@@ -81,8 +81,8 @@ class ExperimentConfig:
         """A CPU run of seconds: tiny random GPT-2, byte tokenizer, built-in corpus."""
         return cls(
             model_name=TINY_MODEL, r=8, lora_alpha=16.0, rank_schedule=(8, 4, 2),
-            data_source="builtin", n_train=96, n_eval=48, max_length=64, batch_size=8,
-            epochs_stage1=2, epochs_stage2=3, lr=2e-3, seeds=(42,), device="cpu",
+            data_source="builtin", n_train=256, n_eval=64, max_length=64, batch_size=8,
+            epochs_stage1=2, epochs_stage2=3, lr=5e-3, seeds=(42,), device="cpu",
         )
 
     # ------------------------------------------------------------- validation
