@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override any ExperimentConfig field, e.g. --set lambda_dc=0.5 rank_schedule=8,4,2")
     run.add_argument("--out", required=True, help="results folder")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    plot = sub.add_parser("plot", help="redraw every figure of a results folder (no training, no GPU)")
+    plot.add_argument("--results", required=True, help="a folder written by `run`")
+    plot.add_argument("--images", required=True, help="where to write the PNG files")
     return parser
 
 
@@ -52,6 +55,12 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "plot":
+        from .plots import plot_all
+
+        for path in plot_all(args.results, args.images):
+            print(path)
+        return 0
     try:
         cfg = config_from_args(args)
     except ValueError as err:

@@ -110,3 +110,23 @@ def format_table(rows: list[dict]) -> str:
     head = "method".ljust(10) + "".join("  " + h.rjust(len(f.format(0))) for h, _, f in cols[1:])
     body = ["  ".join(f.format(r[k]) for _, k, f in cols) for r in rows]
     return "\n".join([head] + body)
+
+
+def load_history(out: str | Path):
+    """Every finished run's history.json under `out` as one long pandas DataFrame.
+
+    Columns: method, seed, HISTORY_KEYS..., and `step` (1-based epoch index across stages).
+    """
+    import pandas as pd
+
+    frames = []
+    for run in finished_runs(out):
+        cfg = read_json(run / "config.json")
+        df = pd.DataFrame(read_json(run / "history.json"), columns=list(HISTORY_KEYS))
+        df.insert(0, "seed", cfg["seed"])
+        df.insert(0, "method", cfg["method"])
+        df["step"] = range(1, len(df) + 1)
+        frames.append(df)
+    if not frames:
+        raise FileNotFoundError(f"no finished runs (*/seed*/metrics.json) under {out}")
+    return pd.concat(frames, ignore_index=True)

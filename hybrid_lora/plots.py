@@ -1,0 +1,118 @@
+"""Figures from result files only (no training, no GPU). Each function returns a Figure.
+
+    summary = load_summary(out); history = load_history(out)   # hybrid_lora.results
+    plot_stage_history(history, "hybrid", 42); plot_method_comparison(summary); plot_cos_to_stage1(history)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from .config import METHOD_NAMES
+
+STAGE_COLUMNS = (("A_after_stage1", "A after Stage 1"), ("A_after_stage2", "A after Stage 2"),
+                 ("B_after_stage2", "B after Stage 2"))
+
+
+def plot_stage_history(history, method: str, seed: int):
+    """Loss (left) and accuracy (right) per epoch of one run, both stages; rank changes marked."""
+    run = history[(history["method"] == method) & (history["seed"] == seed)].sort_values("step")
+    if run.empty:
+        raise ValueError(f"no history rows for method={method!r} seed={seed}")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    ax_loss.plot(run["step"], run["train_ce"], "o-", label="train CE")
+    ax_loss.plot(run["step"], run["eval_loss"], "s-", label="eval loss (current domain)")
+    ax_acc.plot(run["step"], run["eval_acc"], "^-", color="tab:green", label="eval token accuracy")
+    stage2 = run[run["stage"] == 2]
+    for ax in (ax_loss, ax_acc):
+        if not stage2.empty:
+            ax.axvline(stage2["step"].iloc[0] - 0.5, color="grey", ls="--", lw=1, label="start of Stage 2")
+        prev = None
+        for step, rank in zip(run["step"], run["rank"]):
+            if rank != prev:
+                ax.annotate(f"r={rank}", (step, 1.0), xycoords=("data", "axes fraction"),
+                            xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
+                            fontsize=8, color="tab:red")
+            prev = rank
+        ax.set_xlabel("epoch (Stage 1, then Stage 2)")
+        ax.set_xticks(list(run["step"]))
+        ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3)
+    ax_loss.set_ylabel("cross-entropy (nats / token)")
+    ax_acc.set_ylabel("next-token accuracy")
+    fig.suptitle(f"{method}, seed {seed}: training history (LoRA rank marked above each change)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_method_comparison(summary, metric: str = "acc"):
+    """Bars per method for A after Stage 1, A after Stage 2 and B after Stage 2; mean +- std over seeds."""
+    if metric not in ("acc", "loss"):
+        raise ValueError(f"metric={metric!r}: 'acc' or 'loss'")
+    present = list(dict.fromkeys(summary["method"]))
+    methods = [m for m in METHOD_NAMES if m in present] + [m for m in present if m not in METHOD_NAMES]
+    grouped = summary.groupby("method", sort=False)
+    width = 0.8 / len(STAGE_COLUMNS)
+    fig, ax = plt.subplots(figsize=(1.8 * len(methods) + 3, 4))
+    for j, (key, label) in enumerate(STAGE_COLUMNS):
+        col = f"{key}_{metric}"
+        mean = grouped[col].mean().reindex(methods)
+        std = grouped[col].std(ddof=1).reindex(methods).fillna(0.0)  # one seed: no spread to show
+        xs = [i + (j - 1) * width for i in range(len(methods))]
+        ax.bar(xs, mean, width, yerr=std, capsize=3, label=label)
+    n_seeds = grouped["seed"].nunique().reindex(methods)
+    ax.set_xticks(range(len(methods)), [f"{m}\n(n={n})" for m, n in zip(methods, n_seeds)])
+    ax.set_xlabel("method (n = number of seeds)")
+    ax.set_ylabel("next-token accuracy" if metric == "acc" else "cross-entropy (nats / token)")
+    ax.set_title("Domain A before and after Stage 2, domain B after Stage 2 (mean ± s.d. over seeds)")
+    if metric == "acc":
+        lo = min(summary[f"{k}_acc"].min() for k, _ in STAGE_COLUMNS)
+        ax.set_ylim(max(0.0, lo * 0.9), None)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cos_to_stage1(history):
+    """Cosine of the adapter to the (rank-cut) Stage-1 adapter per Stage-2 epoch; mean +- std over seeds."""
+    stage2 = history[history["stage"] == 2]
+    if stage2.empty:
+        raise ValueError("no Stage-2 rows in history")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, rows in stage2.groupby("method", sort=False):
+        by_epoch = rows.groupby("epoch")["cos_to_stage1"]
+        mean, std = by_epoch.mean(), by_epoch.std(ddof=1).fillna(0.0)
+        ax.errorbar(mean.index, mean.values, yerr=std.values, marker="o", capsize=3, label=method)
+    ax.set_xlabel("Stage-2 epoch")
+    ax.set_xticks(sorted(stage2["epoch"].unique()))
+    ax.set_ylabel("cosine similarity to Stage-1 adapter")
+    ax.set_title("Drift of the adapter during Stage 2")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save as PNG (150 dpi), creating folders; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def plot_all(out: str | Path, image_dir: str | Path) -> list[Path]:
+    """Redraw every figure of the results folder `out` into `image_dir`; returns the PNG paths."""
+    from .results import load_history, load_summary
+
+    summary, history = load_summary(out), load_history(out)
+    paths = [save_figure(plot_method_comparison(summary, "acc"), Path(image_dir) / "methods_acc.png"),
+             save_figure(plot_method_comparison(summary, "loss"), Path(image_dir) / "methods_loss.png"),
+             save_figure(plot_cos_to_stage1(history), Path(image_dir) / "cos_to_stage1.png")]
+    for (method, seed), _ in history.groupby(["method", "seed"], sort=False):
+        paths.append(save_figure(plot_stage_history(history, method, seed),
+                                 Path(image_dir) / f"history_{method}_seed{seed}.png"))
+    return paths
