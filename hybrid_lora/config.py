@@ -21,6 +21,7 @@ HUB_DOMAINS = {  # domain -> (dataset name, train split, eval split, text column
 TINY_MODEL = "tiny-random-gpt2"  # built from GPT2Config, no download
 DEVICES = ("auto", "cpu", "cuda", "mps")
 REBUILD_SCALINGS = ("preserve", "peft")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class ExperimentConfig:
     methods: tuple[str, ...] = METHOD_NAMES
     seeds: tuple[int, ...] = (42, 43, 44)
     device: str = "auto"
+    mixed_precision: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA >= sm80, fp16 + GradScaler below (T4)
 
     def __post_init__(self) -> None:
         # JSON and the CLI give lists; keep tuples so the config stays hashable and frozen.
@@ -143,6 +145,8 @@ class ExperimentConfig:
                 raise bad("domains", f"unknown {self.data_source} domain {d!r}; known: {known}")
         if self.device not in DEVICES:
             raise bad("device", f"must be one of {DEVICES}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise bad("mixed_precision", f"must be one of {MIXED_PRECISIONS}")
 
     # ------------------------------------------------------------ conversion
     def to_dict(self) -> dict:

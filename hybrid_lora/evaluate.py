@@ -11,13 +11,38 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def choose_amp_dtype(mode: str, device: torch.device, capability: tuple[int, int] | None = None):
+    """The autocast dtype for `mode` on `device`, or None for plain fp32.
+
+    "auto": None off CUDA; on CUDA bf16 when the GPU computes it natively (compute capability
+    >= 8.0), else fp16 with a GradScaler. A T4 (7.5) says `is_bf16_supported()` through
+    emulation, so the capability decides, not that call. "no": None. "fp16"/"bf16": as named.
+    """
+    if mode == "no":
+        return None
+    if mode in ("fp16", "bf16"):
+        return torch.float16 if mode == "fp16" else torch.bfloat16
+    if mode != "auto":
+        raise ValueError(f"mixed_precision={mode!r}: must be auto, no, fp16 or bf16")
+    if device.type != "cuda":
+        return None
+    major, _ = capability or torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def autocast(device: torch.device, amp_dtype):
+    """torch.autocast for the forward pass; a no-op when amp_dtype is None."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
 @torch.no_grad()
-def evaluate_loss_and_token_acc(model: torch.nn.Module, loader) -> dict:
+def evaluate_loss_and_token_acc(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = None) -> dict:
     """{"loss": mean CE per labelled token (nats), "acc": argmax accuracy, "tokens": count}.
 
     Every labelled token weighs the same, whatever batch it is in and however much
     padding that batch has (the original averaged per-batch means: defect 6). Runs in
-    eval mode without gradients and restores the model's previous mode.
+    eval mode without gradients and restores the model's previous mode. With `amp_dtype`
+    the forward pass runs under autocast; the loss is always summed in fp32/fp64.
     """
     was_training = model.training
     model.eval()
@@ -28,7 +53,8 @@ def evaluate_loss_and_token_acc(model: torch.nn.Module, loader) -> dict:
     for input_ids, attention_mask, labels in loader:
         input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
                                              for t in (input_ids, attention_mask, labels))
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with autocast(device, amp_dtype):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         c, n, h = causal_lm_sums(logits, labels)
         ce += c.double()  # accumulate on device: no host sync per batch
         tokens += n

@@ -18,7 +18,7 @@ from .adapters import (build_model, count_trainable_params, current_rank, flatte
                        lora_factors, rebuild_model_for_new_rank, snapshot_factors)
 from .config import ExperimentConfig
 from .data import make_loaders
-from .evaluate import evaluate_loss_and_token_acc, model_device
+from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, model_device
 from .losses import causal_lm_sums, domain_correlation_loss, ordering_penalty
 from .methods import Method, get_method
 from .results import (SCHEMA_VERSION, derived_metrics, run_dir, summary_row, write_json_atomic,
@@ -46,19 +46,23 @@ def make_optimizer(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim
 
 
 def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_loader, eval_loader,
-                ranks: tuple[int, ...], stage1_factors=None, progress: bool = True):
+                ranks: tuple[int, ...], stage1_factors=None, amp_dtype: torch.dtype | None = None,
+                progress: bool = True):
     """Train one stage, one epoch per entry of `ranks`; returns (model, history rows).
 
     Before an epoch whose rank is below the model's, the model is rebuilt at that rank
     (`cfg.rebuild_scaling`) and gets a fresh optimizer. The returned model may therefore
     be a new object: callers must use it. `stage1_factors` ([(A, B)] detached) enables
     the DC term (when the method has it in this stage) and the `cos_to_stage1` column.
+    `amp_dtype` (from `choose_amp_dtype`) autocasts the forward pass only: the LoRA weights,
+    the regularizers and the loss sums stay fp32; fp16 adds a GradScaler.
     """
     lam_order, lam_dc = method.lambdas(cfg, stage)
     if lam_dc and stage1_factors is None:
         raise ValueError(f"method {method.name!r} uses DC in stage {stage} but no Stage-1 factors given")
     device = model_device(model)
     optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     rows = []
     epochs = tqdm(ranks, desc=f"stage {stage} ({method.name})", unit="epoch", disable=not progress)
     for epoch, rank in enumerate(epochs, 1):
@@ -81,8 +85,9 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
         for input_ids, attention_mask, labels in batches:
             input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
                                                  for t in (input_ids, attention_mask, labels))
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            ce_b, n_b, _ = causal_lm_sums(logits, labels, with_hits=False)
+            with autocast(device, amp_dtype):
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            ce_b, n_b, _ = causal_lm_sums(logits, labels, with_hits=False)  # fp32 loss
             loss = ce_b / n_b.clamp(min=1)
             if lam_order:
                 order = lam_order * ordering_penalty(factors)
@@ -94,14 +99,15 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                 loss = loss + dc
                 dc_sum += dc.detach()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
+            scaler.step(optimizer)
+            scaler.update()
             ce_sum += ce_b.detach().double()
             n_tok += n_b
             steps += 1
             if progress and steps % 20 == 0:  # .item() syncs the device: only now and then
                 batches.set_postfix(ce=f"{(ce_sum / n_tok).item():.3f}")
-        ev = evaluate_loss_and_token_acc(model, eval_loader)
+        ev = evaluate_loss_and_token_acc(model, eval_loader, amp_dtype)
         cos = None
         if stage1_factors is not None:
             with torch.no_grad():
@@ -120,11 +126,11 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
     return model, rows
 
 
-def _final_eval(rows: list[dict], model, loader) -> dict:
+def _final_eval(rows: list[dict], model, loader, amp_dtype) -> dict:
     """The current domain's evaluation after a stage: the last epoch's, or a fresh one."""
     if rows:
         return {"loss": rows[-1]["eval_loss"], "acc": rows[-1]["eval_acc"]}
-    ev = evaluate_loss_and_token_acc(model, loader)
+    ev = evaluate_loss_and_token_acc(model, loader, amp_dtype)
     return {"loss": ev["loss"], "acc": ev["acc"]}
 
 
@@ -142,25 +148,26 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     write_json_atomic(rd / "config.json", config)
     set_seed(seed)
     device = resolve_device(cfg.device)
+    amp_dtype = choose_amp_dtype(cfg.mixed_precision, device)  # decided once for the run
     model, tok = build_model(cfg, device)
     dom_a, dom_b = cfg.domains
     train_a, eval_a = make_loaders(cfg, tok, dom_a, seed)
     train_b, eval_b = make_loaders(cfg, tok, dom_b, seed)
 
     def ev(loader) -> dict:
-        e = evaluate_loss_and_token_acc(model, loader)
+        e = evaluate_loss_and_token_acc(model, loader, amp_dtype)
         return {"loss": e["loss"], "acc": e["acc"]}
 
     # LoRA B starts at zero, so the fresh PEFT model computes exactly the base model.
     metrics = {"A_base": ev(eval_a), "B_base": ev(eval_b)}
     model, hist1 = train_stage(model, cfg, m, 1, train_a, eval_a, (cfg.r,) * cfg.epochs_stage1,
-                               progress=progress)
-    metrics["A_after_stage1"] = _final_eval(hist1, model, eval_a)
+                               amp_dtype=amp_dtype, progress=progress)
+    metrics["A_after_stage1"] = _final_eval(hist1, model, eval_a, amp_dtype)
     model.save_pretrained(str(rd / "adapter_stage1"))
     stage1 = snapshot_factors(model)
     model, hist2 = train_stage(model, cfg, m, 2, train_b, eval_b, m.stage2_ranks(cfg),
-                               stage1_factors=stage1, progress=progress)
-    metrics["B_after_stage2"] = _final_eval(hist2, model, eval_b)
+                               stage1_factors=stage1, amp_dtype=amp_dtype, progress=progress)
+    metrics["B_after_stage2"] = _final_eval(hist2, model, eval_b, amp_dtype)
     metrics["A_after_stage2"] = ev(eval_a)  # a new evaluation of the final model on A
     model.save_pretrained(str(rd / "adapter_final"))
     metrics = {k: metrics[k] for k in ("A_base", "B_base", "A_after_stage1", "A_after_stage2",
