@@ -32,19 +32,25 @@ def run_dir(out: str | Path, method: str, seed: int) -> Path:
     return Path(out) / method / f"seed{seed}"
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: never a half-written file."""
+def write_text_atomic(path: str | Path, write) -> Path:
+    """Call `write(file)` on a temporary file beside `path`, then rename it to `path`:
+    an interruption never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, allow_nan=True)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    write_text_atomic(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
 
 
 def read_json(path: str | Path):
@@ -84,21 +90,20 @@ def finished_runs(out: str | Path) -> list[Path]:
 def write_summary(out: str | Path) -> Path:
     """Rebuild `<out>/summary.csv` from every finished run folder (never appended to)."""
     rows = [summary_row(r) for r in finished_runs(out)]
-    path = Path(out) / "summary.csv"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".summary.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+
+    def write(f) -> None:
         writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+
+    return write_text_atomic(Path(out) / "summary.csv", write)
 
 
 def load_summary(out: str | Path):
-    """The summary of `out` as a pandas DataFrame (rebuilt from the run folders)."""
+    """One row per finished run under `out` (SUMMARY_COLUMNS) as a pandas DataFrame; writes nothing."""
     import pandas as pd
 
-    return pd.read_csv(write_summary(out))
+    return pd.DataFrame([summary_row(r) for r in finished_runs(out)], columns=list(SUMMARY_COLUMNS))
 
 
 def format_table(rows: list[dict]) -> str:
