@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 
 from .config import METHOD_NAMES, ExperimentConfig
 from .results import format_table
@@ -53,6 +54,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # PEFT calls a transformers method that transformers 5 deprecates; nothing for a user to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "plot":
