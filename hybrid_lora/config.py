@@ -172,13 +172,9 @@ class ExperimentConfig:
 
 
 def _coerce(name: str, text: str, hint) -> object:
-    """Turn a CLI string into a value of type `hint` (int, float, str, bool, tuples, Optional)."""
+    """Turn a CLI string into a value of type `hint` (int, float, str, tuples, Optional)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     try:
-        if hint is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
         if hint in (int, float, str):
             return hint(text)
         if origin is tuple:

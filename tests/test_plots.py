@@ -1,4 +1,5 @@
 """Figures are drawn from result files alone; check their content against the files."""
+import math
 import statistics
 
 import matplotlib
@@ -77,3 +78,16 @@ def test_plot_command_writes_pngs(results, tmp_path, capsys):
                           + [f"history_{m}_seed{s}.png" for m in ("lora", "hybrid") for s in (1, 2)])
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert read_json(results / "lora" / "seed1" / "config.json")["method"] == "lora"  # inputs untouched
+
+
+def test_derived_metrics_on_hand_numbers():
+    from hybrid_lora.results import derived_metrics
+
+    m = {"A_base": {"loss": 5.0, "acc": 0.10}, "A_after_stage1": {"loss": 4.0, "acc": 0.40},
+         "A_after_stage2": {"loss": 4.5, "acc": 0.30}}
+    d = derived_metrics(m)
+    assert d["retention"] == pytest.approx(0.75)
+    assert d["delta_loss_A"] == pytest.approx(0.5)
+    assert d["gain_retained"] == pytest.approx(0.5)  # kept half of the 1.0 nat gained in Stage 1
+    m["A_after_stage1"]["loss"] = 5.0
+    assert math.isnan(derived_metrics(m)["gain_retained"])  # Stage 1 gained nothing
