@@ -164,8 +164,14 @@ def rebuild_model_for_new_rank(model: nn.Module, new_r: int, cfg: ExperimentConf
     return new
 
 
-def load_adapter(cfg: ExperimentConfig, path: str | Path, device: torch.device | str = "cpu"):
-    """A PEFT adapter saved with `save_pretrained`, on a fresh base model built from `cfg`."""
+def load_adapter(cfg: ExperimentConfig, path: str | Path, device: torch.device | str = "cpu",
+                 trainable: bool = False):
+    """A PEFT adapter saved with `save_pretrained`, on a fresh base model built from `cfg`.
+
+    Rank and lora_alpha come from the saved adapter_config.json. Returned in eval mode;
+    `trainable=True` leaves its LoRA weights trainable (to continue training).
+    """
     tok = load_tokenizer(cfg)
-    model = PeftModel.from_pretrained(build_base_model(cfg, vocab_size=len(tok)), str(path))
+    model = PeftModel.from_pretrained(build_base_model(cfg, vocab_size=len(tok)), str(path),
+                                      is_trainable=trainable)
     return model.to(device).eval()

@@ -22,6 +22,9 @@ TINY_MODEL = "tiny-random-gpt2"  # built from GPT2Config, no download
 DEVICES = ("auto", "cpu", "cuda", "mps")
 REBUILD_SCALINGS = ("preserve", "peft")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+# Fields that do not change a run's numbers: a run may resume (or be skipped as complete)
+# under a config that differs from its saved config.json only in these.
+RUN_INDEPENDENT_FIELDS = ("methods", "seeds", "checkpoint_every", "keep_checkpoints")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = (42, 43, 44)
     device: str = "auto"
     mixed_precision: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA >= sm80, fp16 + GradScaler below (T4)
+    # checkpoints (resume after an interruption): every N optimizer steps and at each epoch end
+    checkpoint_every: int = 100  # 0: only at epoch ends
+    keep_checkpoints: bool = False  # keep <run>/checkpoints/ after the run completes
 
     def __post_init__(self) -> None:
         # JSON and the CLI give lists; keep tuples so the config stays hashable and frozen.
@@ -98,7 +104,7 @@ class ExperimentConfig:
                      "tiny_n_layer", "tiny_n_embd", "tiny_n_head"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
-        for name in ("epochs_stage1", "epochs_stage2"):
+        for name in ("epochs_stage1", "epochs_stage2", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be a non-negative integer")
         if self.lora_alpha <= 0:
@@ -145,6 +151,8 @@ class ExperimentConfig:
                 raise bad("domains", f"unknown {self.data_source} domain {d!r}; known: {known}")
         if self.device not in DEVICES:
             raise bad("device", f"must be one of {DEVICES}")
+        if not isinstance(self.keep_checkpoints, bool):
+            raise bad("keep_checkpoints", "must be True or False")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise bad("mixed_precision", f"must be one of {MIXED_PRECISIONS}")
 
@@ -172,9 +180,14 @@ class ExperimentConfig:
 
 
 def _coerce(name: str, text: str, hint) -> object:
-    """Turn a CLI string into a value of type `hint` (int, float, str, tuples, Optional)."""
+    """Turn a CLI string into a value of type `hint` (bool, int, float, str, tuples, Optional)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     try:
+        if hint is bool:  # bool("false") is True: read the word instead
+            words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+            if text.lower() not in words:
+                raise ValueError(text)
+            return words[text.lower()]
         if hint in (int, float, str):
             return hint(text)
         if origin is tuple:

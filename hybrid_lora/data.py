@@ -14,8 +14,9 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from .config import HUB_DOMAINS, ExperimentConfig
 
@@ -111,11 +112,41 @@ def tokenize(texts: list[str], tokenizer, max_length: int) -> TensorDataset:
     return TensorDataset(input_ids, mask, labels)
 
 
+class EpochSampler(Sampler[int]):
+    """Indices of a permutation that depends only on (seed, stage, epoch), from a start offset.
+
+    Unlike `shuffle=True` (one generator advanced epoch after epoch), any epoch's order can
+    be rebuilt on its own, so a run resumed mid-epoch sees the same remaining batches.
+    Call `set_epoch(stage, epoch, skip)` before iterating; `skip` indices are left out.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.stage, self.epoch, self.skip = 0, 0, 0
+
+    def set_epoch(self, stage: int, epoch: int, skip: int = 0) -> None:
+        if not 0 <= skip <= self.n:
+            raise ValueError(f"skip={skip}: must be between 0 and the dataset size {self.n}")
+        self.stage, self.epoch, self.skip = stage, epoch, skip
+
+    def permutation(self) -> torch.Tensor:
+        key = np.random.SeedSequence([self.seed, self.stage, self.epoch]).generate_state(1)[0]
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(int(key)))
+
+    def __iter__(self):
+        return iter(self.permutation()[self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+
 def make_loaders(cfg: ExperimentConfig, tokenizer, domain: str, seed: int) -> tuple[DataLoader, DataLoader]:
-    """(train loader shuffled by a generator seeded with `seed`, eval loader in fixed order)."""
+    """(train loader over an `EpochSampler` seeded with `seed`, eval loader in fixed order)."""
     train_texts, eval_texts = load_texts(cfg, domain)
-    g = torch.Generator().manual_seed(seed)
-    train = DataLoader(tokenize(train_texts, tokenizer, cfg.max_length), batch_size=cfg.batch_size,
-                       shuffle=True, generator=g)
+    train_set = tokenize(train_texts, tokenizer, cfg.max_length)
+    # The loader's own generator: creating an iterator must not draw from the global RNG,
+    # which also drives LoRA dropout (a resumed run restores that RNG and must match).
+    train = DataLoader(train_set, batch_size=cfg.batch_size,
+                       sampler=EpochSampler(len(train_set), seed), generator=torch.Generator())
     evals = DataLoader(tokenize(eval_texts, tokenizer, cfg.max_length), batch_size=cfg.batch_size)
     return train, evals

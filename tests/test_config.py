@@ -58,3 +58,12 @@ def test_overrides_are_coerced_to_field_types():
         ExperimentConfig().with_overrides({"lamda_dc": "1"})
     with pytest.raises(ValueError, match="n_train=ten"):
         ExperimentConfig().with_overrides({"n_train": "ten"})
+
+
+def test_bool_overrides_read_words_not_truthiness():
+    assert ExperimentConfig().with_overrides({"keep_checkpoints": "false"}).keep_checkpoints is False
+    assert ExperimentConfig().with_overrides({"keep_checkpoints": "True"}).keep_checkpoints is True
+    with pytest.raises(ValueError, match="keep_checkpoints=maybe"):
+        ExperimentConfig().with_overrides({"keep_checkpoints": "maybe"})
+    with pytest.raises(ValueError, match="checkpoint_every=-1"):
+        dataclasses.replace(ExperimentConfig(), checkpoint_every=-1)

@@ -77,3 +77,33 @@ def test_shared_data_supports_the_paper_protocol():
         assert len(train) == 3000 and len(evals) == 1000
         if domain != "code":  # code.jsonl itself has 23 test chunks identical to train chunks
             assert not set(train) & set(evals)
+
+
+def test_epoch_sampler_orders_depend_only_on_seed_stage_epoch():
+    from hybrid_lora.data import EpochSampler
+
+    s = EpochSampler(50, seed=7)
+    s.set_epoch(1, 2)
+    full = list(s)
+    assert sorted(full) == list(range(50))
+    s.set_epoch(2, 1)
+    other_stage = list(s)
+    s.set_epoch(1, 3)
+    other_epoch = list(s)
+    assert full != other_stage and full != other_epoch
+    t = EpochSampler(50, seed=7)  # a new sampler (a resumed run) rebuilds any epoch on its own
+    t.set_epoch(1, 2, skip=12)
+    assert list(t) == full[12:] and len(t) == 38
+    with pytest.raises(ValueError, match="skip=51"):
+        t.set_epoch(1, 2, skip=51)
+
+
+def test_iterating_the_train_loader_leaves_the_global_rng_alone(cfg):
+    train, _ = make_loaders(cfg, byte_tokenizer(), "imdb", seed=1)
+    train.sampler.set_epoch(1, 1)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for _ in train:
+        pass
+    assert torch.equal(torch.rand(3), expected)
