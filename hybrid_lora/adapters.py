@@ -8,6 +8,8 @@ every flattened vector: for each module, A[:k] row-major, then B[:, :k] row-majo
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +17,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from .config import TINY_MODEL, ExperimentConfig
+
+
+@contextmanager
+def _quiet_peft():
+    """PEFT calls a transformers method that transformers 5 deprecates: nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 ADAPTER = "default"  # PEFT's adapter name
 
@@ -77,7 +87,8 @@ def lora_config(cfg: ExperimentConfig, r: int | None = None, lora_alpha: float |
 def build_model(cfg: ExperimentConfig, device: torch.device | str = "cpu"):
     """(PEFT model with LoRA attached and only LoRA trainable, tokenizer), on `device`."""
     tok = load_tokenizer(cfg)
-    model = get_peft_model(build_base_model(cfg, vocab_size=len(tok)), lora_config(cfg))
+    with _quiet_peft():
+        model = get_peft_model(build_base_model(cfg, vocab_size=len(tok)), lora_config(cfg))
     return model.to(device), tok
 
 
@@ -153,7 +164,8 @@ def rebuild_model_for_new_rank(model: nn.Module, new_r: int, cfg: ExperimentConf
     alpha = old_cfg.lora_alpha * new_r / old_r if scaling == "preserve" else old_cfg.lora_alpha
     device = next(p.device for _, p, _, _ in lora_factors(model))
     base = build_base_model(cfg, vocab_size=model.get_input_embeddings().num_embeddings)
-    new = get_peft_model(base, lora_config(cfg, r=new_r, lora_alpha=alpha)).to(device)
+    with _quiet_peft():
+        new = get_peft_model(base, lora_config(cfg, r=new_r, lora_alpha=alpha)).to(device)
     with torch.no_grad():
         for (name, a_old, b_old, _), (name_new, a_new, b_new, _) in zip(lora_factors(model),
                                                                          lora_factors(new)):
@@ -172,6 +184,7 @@ def load_adapter(cfg: ExperimentConfig, path: str | Path, device: torch.device |
     `trainable=True` leaves its LoRA weights trainable (to continue training).
     """
     tok = load_tokenizer(cfg)
-    model = PeftModel.from_pretrained(build_base_model(cfg, vocab_size=len(tok)), str(path),
-                                      is_trainable=trainable)
+    with _quiet_peft():
+        model = PeftModel.from_pretrained(build_base_model(cfg, vocab_size=len(tok)), str(path),
+                                          is_trainable=trainable)
     return model.to(device).eval()

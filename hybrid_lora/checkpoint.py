@@ -104,6 +104,15 @@ def latest_checkpoint(run: str | Path) -> Path | None:
     return ckpt if ckpt.exists() or not old.exists() else old
 
 
+def checkpoint_position(run: str | Path) -> tuple[int, int, int] | None:
+    """(stage, epoch, step) of the latest checkpoint, or None."""
+    pointer = Path(run) / CHECKPOINTS / "latest.json"
+    if not pointer.exists():
+        return None
+    saved = read_json(pointer)
+    return saved["stage"], saved["epoch"], saved["step"]
+
+
 def load_checkpoint(run: str | Path, cfg: ExperimentConfig, device: torch.device):
     """(trainable model, state, progress) of the latest checkpoint, or None.
 

@@ -2,21 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import warnings
 
-from .config import METHOD_NAMES, ExperimentConfig
+from .config import METHOD_NAMES, PRESETS, ExperimentConfig, from_preset
 from .results import format_table
-
-PRESETS = {"smoke": ExperimentConfig.smoke, "paper": ExperimentConfig.paper}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hybrid_lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and evaluate methods x seeds, write results")
-    run.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    run.add_argument("--preset", choices=PRESETS, default="smoke")
     run.add_argument("--methods", nargs="+", choices=METHOD_NAMES, help="default: all four")
     run.add_argument("--seeds", nargs="+", type=int, help="default: the preset's seeds")
     run.add_argument("--data-dir", help="read <DIR>/<domain>.jsonl instead of the hub / built-in corpus")
@@ -33,17 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The preset, then --data-dir / --model / --methods / --seeds, then --set overrides."""
-    cfg = PRESETS[args.preset]()
-    changes = {}
-    if args.data_dir:
-        changes.update(data_source="local", data_dir=args.data_dir)
-    if args.model:
-        changes["model_name"] = args.model
-    if args.methods:
-        changes["methods"] = tuple(args.methods)
-    if args.seeds:
-        changes["seeds"] = tuple(args.seeds)
-    cfg = dataclasses.replace(cfg, **changes)
+    cfg = from_preset(args.preset, data_dir=args.data_dir, model_name=args.model,
+                      methods=args.methods, seeds=args.seeds)
     overrides = {}
     for item in args.set:
         if "=" not in item:
@@ -54,8 +41,6 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # PEFT calls a transformers method that transformers 5 deprecates; nothing for a user to act on
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "plot":

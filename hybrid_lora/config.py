@@ -25,6 +25,9 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 # Fields that do not change a run's numbers: a run may resume (or be skipped as complete)
 # under a config that differs from its saved config.json only in these.
 RUN_INDEPENDENT_FIELDS = ("methods", "seeds", "checkpoint_every", "keep_checkpoints")
+# Fields that only Stage 2 reads: they may change between a Stage-1-only call and Stage 2.
+STAGE2_FIELDS = ("lambda_dc", "rank_schedule", "epochs_stage2", "rebuild_scaling")
+PRESETS = ("paper", "smoke")
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,17 @@ class ExperimentConfig:
                 raise ValueError(f"unknown ExperimentConfig field {name!r} in --set {name}={text}")
             changes[name] = _coerce(name, text, hints[name])
         return dataclasses.replace(self, **changes)
+
+
+def from_preset(preset: str = "paper", data_dir: str | None = None, **changes) -> ExperimentConfig:
+    """The preset named `preset` with `changes`; a change whose value is None keeps the
+    preset's value. A `data_dir` also switches `data_source` to "local"."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: must be one of {PRESETS}")
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if data_dir is not None:
+        changes.update(data_source="local", data_dir=str(data_dir))
+    return dataclasses.replace(getattr(ExperimentConfig, preset)(), **changes)
 
 
 def _coerce(name: str, text: str, hint) -> object:

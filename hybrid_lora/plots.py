@@ -35,7 +35,7 @@ def plot_stage_history(history, method: str, seed: int):
                             xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
                             fontsize=8, color="tab:red")
             prev = rank
-        ax.set_xlabel("epoch (Stage 1, then Stage 2)")
+        ax.set_xlabel("epoch (Stage 1, then Stage 2)" if not stage2.empty else "Stage-1 epoch")
         ax.set_xticks(list(run["step"]))
         ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)

@@ -117,21 +117,48 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([head] + body)
 
 
-def load_history(out: str | Path):
-    """Every finished run's history.json under `out` as one long pandas DataFrame.
-
-    Columns: method, seed, HISTORY_KEYS..., and `step` (1-based epoch index across stages).
-    """
+def load_run_history(run: str | Path):
+    """One run's history.json (finished or still running) as a DataFrame: method, seed,
+    HISTORY_KEYS..., and `step` (1-based epoch index across stages)."""
     import pandas as pd
 
-    frames = []
-    for run in finished_runs(out):
-        cfg = read_json(run / "config.json")
-        df = pd.DataFrame(read_json(run / "history.json"), columns=list(HISTORY_KEYS))
-        df.insert(0, "seed", cfg["seed"])
-        df.insert(0, "method", cfg["method"])
-        df["step"] = range(1, len(df) + 1)
-        frames.append(df)
-    if not frames:
-        raise FileNotFoundError(f"no finished runs (*/seed*/metrics.json) under {out}")
-    return pd.concat(frames, ignore_index=True)
+    run = Path(run)
+    cfg = read_json(run / "config.json")
+    df = pd.DataFrame(read_json(run / "history.json"), columns=list(HISTORY_KEYS))
+    df.insert(0, "seed", cfg["seed"])
+    df.insert(0, "method", cfg["method"])
+    df["step"] = range(1, len(df) + 1)
+    return df
+
+
+def load_history(out: str | Path, unfinished: bool = False):
+    """Every finished run's history under `out` as one long DataFrame (see `load_run_history`);
+    `unfinished=True` adds runs still in progress (their history so far)."""
+    import pandas as pd
+
+    runs = (sorted(p.parent for p in Path(out).glob("*/seed*/history.json")) if unfinished
+            else finished_runs(out))
+    if not runs:
+        raise FileNotFoundError(f"no {'' if unfinished else 'finished '}runs under {out}")
+    return pd.concat([load_run_history(r) for r in runs], ignore_index=True)
+
+
+def metrics_table(metrics: dict):
+    """The evaluations of one run as a DataFrame: rows (domain, when), columns loss and acc."""
+    import pandas as pd
+
+    names = {"A_base": ("A", "base model"), "A_after_stage1": ("A", "after Stage 1"),
+             "A_after_stage2": ("A", "after Stage 2"), "B_base": ("B", "base model"),
+             "B_after_stage2": ("B", "after Stage 2")}
+    rows = [(*names[k], metrics[k]["loss"], metrics[k]["acc"]) for k in names if k in metrics]
+    return pd.DataFrame(rows, columns=["domain", "when", "loss", "acc"]).set_index(["domain", "when"])
+
+
+def method_table(summary, columns: tuple[str, ...] = ("A_after_stage1_acc", "A_after_stage2_acc",
+                                                      "B_after_stage2_acc", "retention",
+                                                      "delta_loss_A")):
+    """Mean and sample standard deviation over seeds per method (rows), with the seed count."""
+    grouped = summary.groupby("method", sort=False)
+    table = grouped[list(columns)].agg(["mean", "std"])
+    table.insert(0, ("n_seeds", ""), grouped["seed"].nunique())
+    return table

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from .adapters import (build_model, count_trainable_params, current_rank, flatten_factors,
                        load_adapter, load_tokenizer, lora_factors, rebuild_model_for_new_rank,
                        snapshot_factors)
-from .checkpoint import (clear_checkpoints, load_checkpoint, save_adapter, save_checkpoint,
-                         set_rng_state)
-from .config import RUN_INDEPENDENT_FIELDS, ExperimentConfig
+from .checkpoint import (checkpoint_position, clear_checkpoints, load_checkpoint, save_adapter,
+                         save_checkpoint, set_rng_state)
+from .config import RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
 from .data import make_loaders
 from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, model_device
 from .losses import causal_lm_sums, domain_correlation_loss, ordering_penalty
@@ -36,6 +36,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def device_report(cfg: ExperimentConfig) -> str:
+    """One line: the device a run of `cfg` uses and its precision (GPU name, or plainly CPU)."""
+    device = resolve_device(cfg.device)
+    amp = choose_amp_dtype(cfg.mixed_precision, device)
+    precision = {None: "fp32", torch.float16: "fp16 autocast + GradScaler",
+                 torch.bfloat16: "bf16 autocast"}[amp]
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"GPU: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}); "
+                f"{precision}, LoRA weights fp32")
+    gpu = "a GPU is present but" if torch.cuda.is_available() else "no GPU found;"
+    return f"Running on {device.type.upper()} ({gpu} device={cfg.device!r}); {precision}"
 
 
 def set_seed(seed: int) -> None:
@@ -185,11 +199,12 @@ def _final_eval(rows: list[dict], model, loader, amp_dtype) -> dict:
     return {"loss": ev["loss"], "acc": ev["acc"]}
 
 
-def check_same_run(run: Path, config: dict) -> None:
-    """Raise ValueError if `run/config.json` differs from `config` in a field that changes results."""
+def check_same_run(run: Path, config: dict, ignore: tuple[str, ...] = ()) -> None:
+    """Raise ValueError if `run/config.json` differs from `config` in a field that changes
+    results (other than those in `ignore`)."""
     saved = read_json(run / "config.json")
     diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items()
-             if k not in RUN_INDEPENDENT_FIELDS and saved.get(k) != v]
+             if k not in RUN_INDEPENDENT_FIELDS + ignore and saved.get(k) != v]
     if diffs:
         raise ValueError(f"{run} holds a run made with other settings ({'; '.join(diffs)}). "
                          f"Use another output folder, or delete {run} to start it over.")
@@ -202,16 +217,19 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     Returns {"config", "history", "metrics", "complete"}; the first three as on disk.
     A complete run (metrics.json present) is returned without training; an interrupted
     one resumes from its latest checkpoint and ends with the same numbers as an
-    uninterrupted run. `stop_after_stage=1` stops once the Stage-1 adapter is saved
-    (a later call continues with Stage 2). Domain A is evaluated right after Stage 1 and
+    uninterrupted run. `stop_after_stage=1` stops once the Stage-1 adapter is saved; a
+    later call continues with Stage 2 and may change the Stage-2-only fields
+    (`config.STAGE2_FIELDS`, e.g. lambda_dc) until Stage 2 has started. Domain A is evaluated right after Stage 1 and
     again, separately, after Stage 2 (defect 2 of the original measured both after Stage 2).
     """
     m = get_method(method)
     rd = run_dir(out_dir, method, seed)
     config = {**cfg.to_dict(), "method": method, "seed": seed, "schema_version": SCHEMA_VERSION}
+    complete = (rd / "metrics.json").exists()
     if (rd / "config.json").exists():
-        check_same_run(rd, config)
-    if (rd / "metrics.json").exists():
+        at_boundary = not complete and checkpoint_position(rd) == (2, 1, 0)
+        check_same_run(rd, config, ignore=STAGE2_FIELDS if at_boundary else ())
+    if complete:
         return {"config": read_json(rd / "config.json"), "history": read_json(rd / "history.json"),
                 "metrics": read_json(rd / "metrics.json"), "complete": True}
     write_json_atomic(rd / "config.json", config)

@@ -91,3 +91,32 @@ def test_derived_metrics_on_hand_numbers():
     assert d["gain_retained"] == pytest.approx(0.5)  # kept half of the 1.0 nat gained in Stage 1
     m["A_after_stage1"]["loss"] = 5.0
     assert math.isnan(derived_metrics(m)["gain_retained"])  # Stage 1 gained nothing
+
+
+def test_method_table_is_mean_and_sample_sd_over_seeds(results):
+    from hybrid_lora.results import method_table
+
+    table = method_table(load_summary(results))
+    # hybrid: A after Stage 2 acc = 0.15 + 0.05 + seed/50 for seeds 1, 2
+    assert table.loc["hybrid", ("A_after_stage2_acc", "mean")] == pytest.approx(0.23)
+    assert table.loc["hybrid", ("A_after_stage2_acc", "std")] == pytest.approx(
+        statistics.stdev([0.22, 0.24]))
+    assert table.loc["lora", ("n_seeds", "")] == 2
+
+
+def test_metrics_table_and_unfinished_history(results, tmp_path):
+    from hybrid_lora.results import metrics_table
+
+    m = read_json(results / "lora" / "seed1" / "metrics.json")
+    table = metrics_table(m)
+    assert table.loc[("A", "after Stage 1"), "acc"] == m["A_after_stage1"]["acc"]
+    assert table.loc[("B", "after Stage 2"), "loss"] == m["B_after_stage2"]["loss"]
+    assert len(table) == 5
+    assert len(metrics_table({k: m[k] for k in ("A_base", "B_base", "A_after_stage1")})) == 3
+    d = tmp_path / "dc" / "seed7"  # a run still in Stage 1: history but no metrics.json
+    write_json_atomic(d / "config.json", {"method": "dc", "seed": 7})
+    write_json_atomic(d / "history.json", read_json(results / "lora" / "seed1" / "history.json")[:2])
+    with pytest.raises(FileNotFoundError, match="no finished runs"):
+        load_history(tmp_path)
+    partial = load_history(tmp_path, unfinished=True)
+    assert list(partial["step"]) == [1, 2] and set(partial["method"]) == {"dc"}

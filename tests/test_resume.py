@@ -174,3 +174,17 @@ def test_cli_run_killed_mid_epoch_resumes_to_the_same_numbers(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert finished_files(out, "hybrid") == finished_files(reference, "hybrid")
+
+
+def test_stage2_settings_may_change_between_stage1_and_stage2_only(tmp_path, uninterrupted):
+    run_experiment(config(), "hybrid", 42, tmp_path, progress=False, stop_after_stage=1)
+    with pytest.raises(ValueError, match="lambda_order"):  # Stage 1 used it: refused
+        run_experiment(config(lambda_order=0.5), "hybrid", 42, tmp_path, progress=False)
+    changed = run_experiment(config(lambda_dc=0.5), "hybrid", 42, tmp_path, progress=False)
+    assert read_json(run_dir(tmp_path, "hybrid", 42) / "config.json")["lambda_dc"] == 0.5
+    reference = tmp_path / "reference"
+    expected = run_experiment(config(lambda_dc=0.5), "hybrid", 42, reference, progress=False)
+    assert changed["metrics"] == expected["metrics"]
+    assert changed["metrics"] != json.loads(uninterrupted["hybrid"]["metrics"])
+    with pytest.raises(ValueError, match="lambda_dc"):  # once Stage 2 has run, it is fixed
+        run_experiment(config(lambda_dc=0.1), "hybrid", 42, tmp_path, progress=False)

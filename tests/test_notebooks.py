@@ -1,0 +1,109 @@
+"""The numbered notebooks: conventions, no committed outputs, and a smoke run of each, in order."""
+import ast
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from hybrid_lora.results import read_json, run_dir
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = ["01_stage1_imdb.ipynb", "02_stage2_yelp_rank_rebuild.ipynb",
+             "03_multi_seed_sweep.ipynb", "04_plots.ipynb"]
+
+
+def cells(name: str) -> list[dict]:
+    return json.loads((NOTEBOOK_DIR / name).read_text())["cells"]
+
+
+def test_the_numbered_notebooks_are_all_there():
+    assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == NOTEBOOKS
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_committed_without_outputs(name):
+    for cell in cells(name):
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, \
+                f"{name}: strip the outputs before committing"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_conventions(name):
+    """Colab badge; one `parameters` cell of plain values; setup that installs only in Colab;
+    no functions or classes defined in the notebook (logic lives in the package)."""
+    nb = cells(name)
+    assert "colab.research.google.com/github/" in "".join(nb[0]["source"])
+    assert f"notebooks/{name}" in "".join(nb[0]["source"])
+    tagged = [c for c in nb if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1
+    for stmt in ast.parse("".join(tagged[0]["source"])).body:
+        assert isinstance(stmt, ast.Assign), ast.dump(stmt)
+        ast.literal_eval(stmt.value)  # raises unless a plain value
+    setup = "".join(nb[2]["source"])
+    assert 'if IN_COLAB:\n    %pip install' in setup and "torch" not in setup.split("%pip")[1].split("\n")[0]
+    for cell in nb:
+        if cell["cell_type"] == "code":
+            source = "".join(cell["source"]).replace("%pip", "#")
+            tree = ast.parse(source)
+            assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef,
+                                                                   ast.Lambda))], name
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Execute 01 -> 04 with papermill in smoke mode, sharing one output folder."""
+    import papermill
+    work = tmp_path_factory.mktemp("notebooks")
+    out = work / "runs"
+    params = {
+        "01_stage1_imdb.ipynb": {"SMOKE": True, "OUT_DIR": str(out), "CHECKPOINT_EVERY": 10},
+        "02_stage2_yelp_rank_rebuild.ipynb": {"SMOKE": True, "OUT_DIR": str(out), "CHECKPOINT_EVERY": 10},
+        "03_multi_seed_sweep.ipynb": {"SMOKE": True, "OUT_DIR": str(out), "CHECKPOINT_EVERY": 10,
+                                      "SEEDS": [42, 43]},
+        "04_plots.ipynb": {"RESULTS_DIR": str(out), "IMAGE_DIR": str(work / "images")},
+    }
+    seconds, texts = {}, {}
+    for name in NOTEBOOKS:
+        start = time.perf_counter()
+        done = papermill.execute_notebook(str(NOTEBOOK_DIR / name), str(work / name), parameters=params[name],
+                                          kernel_name="python3", cwd=str(work), progress_bar=False)
+        seconds[name] = time.perf_counter() - start
+        texts[name] = json.dumps(done["cells"])
+    print("notebook wall times (s):", {k: round(v, 1) for k, v in seconds.items()})
+    return {"work": work, "out": out, "texts": texts}
+
+
+def test_stage1_notebook_stops_after_stage1_and_saves_its_figure(executed):
+    run = run_dir(executed["out"], "hybrid", 42)
+    assert (run / "adapter_stage1" / "adapter_config.json").exists()
+    assert (executed["out"] / "images" / "stage1_hybrid_seed42.png").exists()
+    assert f"Stage-1 results written to {run}" in executed["texts"]["01_stage1_imdb.ipynb"]
+
+
+def test_stage2_notebook_continues_the_same_run(executed):
+    run = run_dir(executed["out"], "hybrid", 42)
+    assert [(h["stage"], h["rank"]) for h in read_json(run / "history.json")] == \
+        [(1, 8), (1, 8), (2, 8), (2, 4), (2, 2)]
+    assert set(read_json(run / "metrics.json")) >= {"A_after_stage1", "A_after_stage2", "B_after_stage2"}
+    for figure in ("history_hybrid_seed42.png", "cos_to_stage1_hybrid_seed42.png"):
+        assert (executed["out"] / "images" / figure).exists()
+    assert f"Stage-1 adapter: {run / 'adapter_stage1'}" in executed["texts"]["02_stage2_yelp_rank_rebuild.ipynb"]
+
+
+def test_sweep_notebook_skips_the_finished_run_and_runs_the_rest(executed):
+    assert "hybrid seed 42: complete" in executed["texts"]["03_multi_seed_sweep.ipynb"]
+    assert len(summary_lines(executed["out"] / "summary.csv")) == 8  # 4 methods x 2 seeds
+    assert (executed["out"] / "images" / "methods_acc.png").exists()
+
+
+def test_plots_notebook_redraws_every_figure(executed):
+    images = sorted(p.name for p in (executed["work"] / "images").glob("*.png"))
+    assert images == sorted(["methods_acc.png", "methods_loss.png", "cos_to_stage1.png"]
+                            + [f"history_{m}_seed{s}.png" for m in ("lora", "dylora", "dc", "hybrid")
+                               for s in (42, 43)])
+
+
+def summary_lines(path: Path) -> list[str]:
+    return path.read_text().strip().splitlines()[1:]
