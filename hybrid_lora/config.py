@@ -69,7 +69,7 @@ class ExperimentConfig:
     device: str = "auto"
     mixed_precision: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA >= sm80, fp16 + GradScaler below (T4)
     # checkpoints (resume after an interruption): every N optimizer steps and at each epoch end
-    checkpoint_every: int = 100  # 0: only at epoch ends
+    checkpoint_every: int = 200  # 0: only at epoch ends
     keep_checkpoints: bool = False  # keep <run>/checkpoints/ after the run completes
 
     def __post_init__(self) -> None:
