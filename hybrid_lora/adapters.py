@@ -84,25 +84,47 @@ def lora_config(cfg: ExperimentConfig, r: int | None = None, lora_alpha: float |
                       task_type="CAUSAL_LM", fan_in_fan_out=True)  # GPT-2's c_attn is a Conv1D
 
 
-def build_model(cfg: ExperimentConfig, device: torch.device | str = "cpu"):
-    """(PEFT model with LoRA attached and only LoRA trainable, tokenizer), on `device`."""
+def build_model(cfg: ExperimentConfig, device: torch.device | str = "cpu", r: int | None = None):
+    """(PEFT model with LoRA (rank `r`, default cfg.r) attached and only LoRA trainable,
+    tokenizer), on `device`."""
     tok = load_tokenizer(cfg)
     with _quiet_peft():
-        model = get_peft_model(build_base_model(cfg, vocab_size=len(tok)), lora_config(cfg))
+        model = get_peft_model(build_base_model(cfg, vocab_size=len(tok)), lora_config(cfg, r=r))
     return model.to(device), tok
 
 
 # ----------------------------------------------------------------------- factors
-def lora_factors(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
-    """[(module name, A [r, in], B [out, r], scaling)] of every LoRA module, live parameters."""
-    out = []
-    for name, mod in model.named_modules():
-        lora_a = getattr(mod, "lora_A", None)
-        if isinstance(lora_a, nn.ModuleDict) and ADAPTER in lora_a:
-            out.append((name, lora_a[ADAPTER].weight, mod.lora_B[ADAPTER].weight, mod.scaling[ADAPTER]))
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """[(module name, PEFT LoRA layer)] in model order."""
+    out = [(name, mod) for name, mod in model.named_modules()
+           if isinstance(getattr(mod, "lora_A", None), nn.ModuleDict) and ADAPTER in mod.lora_A]
     if not out:
         raise ValueError("model has no LoRA modules (expected a PEFT LoRA model)")
     return out
+
+
+def lora_factors(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """[(module name, A [r, in], B [out, r], scaling)] of every LoRA module, live parameters."""
+    return [(name, mod.lora_A[ADAPTER].weight, mod.lora_B[ADAPTER].weight, mod.scaling[ADAPTER])
+            for name, mod in lora_layers(model)]
+
+
+@contextmanager
+def component_mask(model: nn.Module):
+    """Yield m [r] (ones, on the model's device): inside the block every LoRA module computes
+    B diag(m) A x instead of B A x. Edit m in place: 0 drops a component, c rescales it
+    (e.g. m = r/b on the first b components gives rank b at scaling alpha/b)."""
+    layers = lora_layers(model)
+    a0 = layers[0][1].lora_A[ADAPTER].weight
+    m = torch.ones(a0.shape[0], device=a0.device)
+    # the hook scales lora_A's output [..., r]: after dropout and A, before B
+    handles = [mod.lora_A[ADAPTER].register_forward_hook(lambda _mod, _inp, out: out * m)
+               for _, mod in layers]
+    try:
+        yield m
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def snapshot_factors(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -11,7 +11,11 @@ import json
 import typing
 from dataclasses import dataclass, field
 
-METHOD_NAMES = ("lora", "dylora", "dc", "hybrid")
+PAPER_METHODS = ("lora", "dylora", "dc", "hybrid")
+# + true DyLoRA (nested-dropout) training, and plain LoRA trained at the final rank
+METHOD_NAMES = PAPER_METHODS + ("dylora_nested", "hybrid_nested", "lora_small")
+DYLORA_DISTRIBUTIONS = ("uniform", "geometric")
+SWEEP_KINDS = ("slice", "svd")
 DATA_SOURCES = ("hub", "local", "builtin")
 BUILTIN_DOMAINS = ("imdb", "yelp")
 HUB_DOMAINS = {  # domain -> (dataset name, train split, eval split, text column)
@@ -63,8 +67,16 @@ class ExperimentConfig:
     lambda_dc: float = 0.1
     rank_schedule: tuple[int, ...] = (64, 32, 16)  # Stage-2 rank of each epoch
     rebuild_scaling: str = "preserve"  # "preserve" or "peft" (the original's alpha/r drift)
+    # true DyLoRA training (methods *_nested): each step one rank b ~ p_B on [dylora_r_min, r]
+    dylora_r_min: int = 1
+    dylora_distribution: str = "uniform"  # or "geometric": p_B(b) ~ p (1 - p)^(b - r_min)
+    dylora_p: float = 0.15
+    dylora_frozen: bool = False  # True: update only component b (the paper's FROZEN mode)
+    # post-hoc rank sweep of each run's Stage-1 and final adapters (ranks above an adapter's skipped)
+    sweep_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    sweep_kinds: tuple[str, ...] = ("slice", "svd")  # slice: first k components; svd: best rank k
     # runs
-    methods: tuple[str, ...] = METHOD_NAMES
+    methods: tuple[str, ...] = PAPER_METHODS
     seeds: tuple[int, ...] = (42, 43, 44)
     device: str = "auto"
     mixed_precision: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA >= sm80, fp16 + GradScaler below (T4)
@@ -74,7 +86,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         # JSON and the CLI give lists; keep tuples so the config stays hashable and frozen.
-        for name in ("target_modules", "domains", "rank_schedule", "methods", "seeds"):
+        for name in ("target_modules", "domains", "rank_schedule", "methods", "seeds", "sweep_ranks",
+                     "sweep_kinds"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
@@ -91,7 +104,7 @@ class ExperimentConfig:
     def smoke(cls) -> "ExperimentConfig":
         """A CPU run of seconds: tiny random GPT-2, byte tokenizer, built-in corpus."""
         return cls(
-            model_name=TINY_MODEL, r=8, lora_alpha=16.0, rank_schedule=(8, 4, 2),
+            model_name=TINY_MODEL, r=8, lora_alpha=16.0, rank_schedule=(8, 4, 2), sweep_ranks=(1, 2, 4, 8),
             data_source="builtin", n_train=256, n_eval=64, max_length=64, batch_size=8,
             epochs_stage1=2, epochs_stage2=3, lr=5e-3, seeds=(42,), device="cpu",
         )
@@ -154,8 +167,20 @@ class ExperimentConfig:
                 raise bad("domains", f"unknown {self.data_source} domain {d!r}; known: {known}")
         if self.device not in DEVICES:
             raise bad("device", f"must be one of {DEVICES}")
-        if not isinstance(self.keep_checkpoints, bool):
-            raise bad("keep_checkpoints", "must be True or False")
+        for name in ("keep_checkpoints", "dylora_frozen"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False")
+        if not isinstance(self.dylora_r_min, int) or not 1 <= self.dylora_r_min <= min(self.rank_schedule):
+            raise bad("dylora_r_min", f"must be between 1 and the lowest scheduled rank {min(self.rank_schedule)}")
+        if self.dylora_distribution not in DYLORA_DISTRIBUTIONS:
+            raise bad("dylora_distribution", f"must be one of {DYLORA_DISTRIBUTIONS}")
+        if not 0.0 < self.dylora_p < 1.0:
+            raise bad("dylora_p", "must be in (0, 1)")
+        if any(not isinstance(k, int) or k < 1 for k in self.sweep_ranks):
+            raise bad("sweep_ranks", "ranks must be positive integers")
+        for kind in self.sweep_kinds:
+            if kind not in SWEEP_KINDS:
+                raise bad("sweep_kinds", f"unknown kind {kind!r}; known: {SWEEP_KINDS}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise bad("mixed_precision", f"must be one of {MIXED_PRECISIONS}")
 

@@ -17,14 +17,16 @@ import os
 import tempfile
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 HISTORY_KEYS = ("stage", "epoch", "rank", "train_ce", "train_order", "train_dc", "eval_loss",
                 "eval_acc", "cos_to_stage1", "trainable_params", "seconds")
 EVAL_KEYS = ("A_base", "B_base", "A_after_stage1", "A_after_stage2", "B_after_stage2")
 DERIVED_KEYS = ("retention", "delta_loss_A", "gain_retained")
+SWEEP_KEYS = ("rank_auc_stage1_A", "rank_auc_final_B")  # from sweep.json; NaN when not swept
+SWEEP_COLUMNS = ("adapter", "adapter_rank", "domain", "kind", "scaling", "rank", "loss", "acc")
 SUMMARY_COLUMNS = (("method", "seed")
                    + tuple(f"{k}_{m}" for k in EVAL_KEYS for m in ("loss", "acc"))
-                   + DERIVED_KEYS + ("seconds",))
+                   + DERIVED_KEYS + SWEEP_KEYS + ("seconds",))
 
 
 def run_dir(out: str | Path, method: str, seed: int) -> Path:
@@ -71,6 +73,23 @@ def derived_metrics(m: dict) -> dict:
     }
 
 
+def rank_auc(points: list[dict], key: str = "acc") -> float:
+    """Area under `key` versus log2(rank) over the swept ranks, divided by (the value at the
+    largest swept rank x the log2 width): 1.0 when every cut keeps the full-rank value.
+    NaN with fewer than two ranks or a zero full-rank value."""
+    pts = sorted((p["rank"], p[key]) for p in points)
+    if len(pts) < 2 or pts[-1][1] == 0:
+        return math.nan
+    xs, ys = [math.log2(r) for r, _ in pts], [y for _, y in pts]
+    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))  # trapezoids
+    return area / (ys[-1] * (xs[-1] - xs[0]))
+
+
+def sweep_auc(rows: list[dict], adapter: str, domain: str, kind: str = "slice") -> float:
+    """`rank_auc` of the sweep rows of one adapter on one domain with one kind of cut."""
+    return rank_auc([r for r in rows if (r["adapter"], r["domain"], r["kind"]) == (adapter, domain, kind)])
+
+
 def summary_row(run: Path) -> dict:
     """One summary-table row from a finished run folder."""
     cfg, m = read_json(run / "config.json"), read_json(run / "metrics.json")
@@ -78,6 +97,7 @@ def summary_row(run: Path) -> dict:
     for k in EVAL_KEYS:
         row[f"{k}_loss"], row[f"{k}_acc"] = m[k]["loss"], m[k]["acc"]
     row.update({k: m[k] for k in DERIVED_KEYS})
+    row.update({k: m.get(k, math.nan) for k in SWEEP_KEYS})
     row["seconds"] = sum(h["seconds"] for h in read_json(run / "history.json"))
     return row
 

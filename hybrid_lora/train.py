@@ -27,8 +27,10 @@ from .data import make_loaders
 from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, model_device
 from .losses import causal_lm_sums, domain_correlation_loss, ordering_penalty
 from .methods import Method, get_method
+from .nested import nested_training
+from .ranks import sweep_run
 from .results import (SCHEMA_VERSION, derived_metrics, read_json, run_dir, summary_row,
-                      write_json_atomic, write_summary)
+                      sweep_auc, write_json_atomic, write_summary)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,7 +81,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
     """Train one stage, one epoch per entry of `ranks`; returns (model, history rows).
 
     Before an epoch whose rank is below the model's, the model is rebuilt at that rank
-    (`cfg.rebuild_scaling`) and gets a fresh optimizer. The returned model may therefore
+    (scaling by `method.cut_scaling`) and gets a fresh optimizer. In the method's
+    `nested_stages` each step trains one sampled rank (`nested.py`). The returned model may therefore
     be a new object: callers must use it. `stage1_factors` ([(A, B)] detached) enables
     the DC term (when the method has it in this stage) and the `cos_to_stage1` column.
     `amp_dtype` (from `choose_amp_dtype`) autocasts the forward pass only: the LoRA weights,
@@ -94,6 +97,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
     if lam_dc and stage1_factors is None:
         raise ValueError(f"method {method.name!r} uses DC in stage {stage} but no Stage-1 factors given")
     device = model_device(model)
+    rebuild_scaling = {"preserve": "preserve", "dylora": "peft"}[method.cut_scaling(cfg)]
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, start_step, rows, saved_sums = 1, 0, [], None
@@ -122,7 +126,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
         if epoch < start_epoch:
             continue
         if rank != current_rank(model):
-            model = rebuild_model_for_new_rank(model, rank, cfg, scaling=cfg.rebuild_scaling)
+            model = rebuild_model_for_new_rank(model, rank, cfg, scaling=rebuild_scaling)
             optimizer = make_optimizer(model, cfg)
         # Done once per (re)build, not per step: the live factor list and the frozen
         # Stage-1 vector cut to the current rank (so elements line up: defect 4).
@@ -135,40 +139,47 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
         train_loader.sampler.set_epoch(stage, epoch, skip * train_loader.batch_size)
         n_batches, step = skip + len(train_loader), skip
         start = time.perf_counter() - sums["seconds"]
-        model.train()
-        batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
-                       disable=not progress, initial=skip, total=n_batches)
-        for input_ids, attention_mask, labels in batches:
-            input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
-                                                 for t in (input_ids, attention_mask, labels))
-            with autocast(device, amp_dtype):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            ce_b, n_b, _ = causal_lm_sums(logits, labels, with_hits=False)  # fp32 loss
-            loss = ce_b / n_b.clamp(min=1)
-            if lam_order:
-                order = lam_order * ordering_penalty(factors)
-                loss = loss + order
-                sums["order"] += order.detach()
-            if lam_dc:
-                # live vector: the gradient reaches the LoRA weights (defect 1)
-                dc = domain_correlation_loss(w_prev, flatten_factors(factors), lam_dc)
-                loss = loss + dc
-                sums["dc"] += dc.detach()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
-            scaler.step(optimizer)
-            scaler.update()
-            sums["ce"] += ce_b.detach().double()
-            sums["tokens"] += n_b
-            sums["steps"] += 1
-            step += 1
-            if progress and step % 20 == 0:  # .item() syncs the device: only now and then
-                batches.set_postfix(ce=f"{(sums['ce'] / sums['tokens']).item():.3f}")
-            if checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
-                    and step < n_batches:
-                sums["seconds"] = time.perf_counter() - start
-                save(model, (stage, epoch, step), sums)
-        ev = evaluate_loss_and_token_acc(model, eval_loader, amp_dtype)
+        with nested_training(model, cfg, enabled=stage in method.nested_stages) as nest:
+            model.train()
+            batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
+                           disable=not progress, initial=skip, total=n_batches)
+            for input_ids, attention_mask, labels in batches:
+                input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
+                                                     for t in (input_ids, attention_mask, labels))
+                if nest is not None:  # DyLoRA: this step trains rank b only
+                    nest.begin(nest.sample())
+                with autocast(device, amp_dtype):
+                    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+                ce_b, n_b, _ = causal_lm_sums(logits, labels, with_hits=False)  # fp32 loss
+                loss = ce_b / n_b.clamp(min=1)
+                if lam_order:
+                    order = lam_order * ordering_penalty(factors)
+                    loss = loss + order
+                    sums["order"] += order.detach()
+                if lam_dc:
+                    # live vector: the gradient reaches the LoRA weights (defect 1)
+                    dc = domain_correlation_loss(w_prev, flatten_factors(factors), lam_dc)
+                    loss = loss + dc
+                    sums["dc"] += dc.detach()
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
+                scaler.step(optimizer)
+                scaler.update()
+                if nest is not None:
+                    nest.end()
+                sums["ce"] += ce_b.detach().double()
+                sums["tokens"] += n_b
+                sums["steps"] += 1
+                step += 1
+                if progress and step % 20 == 0:  # .item() syncs the device: only now and then
+                    batches.set_postfix(ce=f"{(sums['ce'] / sums['tokens']).item():.3f}")
+                if checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                        and step < n_batches:
+                    sums["seconds"] = time.perf_counter() - start
+                    save(model, (stage, epoch, step), sums)
+            if nest is not None:
+                nest.full()
+            ev = evaluate_loss_and_token_acc(model, eval_loader, amp_dtype)
         cos = None
         if stage1_factors is not None:
             with torch.no_grad():
@@ -239,7 +250,7 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     position, history, metrics, state = (1, 1, 0), [], {}, None
     found = load_checkpoint(rd, cfg, device)
     if found is None:
-        model, tok = build_model(cfg, device)
+        model, tok = build_model(cfg, device, r=m.train_rank(cfg))
     else:
         (model, state, saved), tok = found, load_tokenizer(cfg)
         position, history, metrics = tuple(saved["position"]), saved["history"], saved["metrics"]
@@ -265,8 +276,7 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     stage1 = None
     if position[0] == 2:  # resumed in Stage 2: the DC target comes from the saved adapter
         stage1 = snapshot_factors(load_adapter(cfg, rd / "adapter_stage1", device))
-    plan = {1: (train_a, eval_a, (cfg.r,) * cfg.epochs_stage1),
-            2: (train_b, eval_b, m.stage2_ranks(cfg))}
+    plan = {1: (train_a, eval_a, m.stage_ranks(cfg, 1)), 2: (train_b, eval_b, m.stage_ranks(cfg, 2))}
     for stage, (train, evl, ranks) in plan.items():
         if stage < position[0]:
             continue
@@ -292,6 +302,13 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     metrics = {k: metrics[k] for k in ("A_base", "B_base", "A_after_stage1", "A_after_stage2",
                                        "B_after_stage2")}
     metrics.update(derived_metrics(metrics))
+    if cfg.sweep_ranks and cfg.sweep_kinds:  # every cut of both saved adapters, no training
+        kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
+        del model  # the sweep loads both adapters back from disk
+        sweep = sweep_run(rd, cfg, {"A": eval_a, "B": eval_b}, cfg.sweep_ranks, kinds, device,
+                          amp_dtype, progress)
+        metrics.update(rank_auc_stage1_A=sweep_auc(sweep, "stage1", "A"),
+                       rank_auc_final_B=sweep_auc(sweep, "final", "B"))
     metrics["schema_version"] = SCHEMA_VERSION  # no timings here: same seed, same file
     write_json_atomic(rd / "history.json", history)
     write_json_atomic(rd / "metrics.json", metrics)  # written last: marks the run complete

@@ -49,9 +49,10 @@ def finished_files(out, method: str, seed: int = 42) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    for method in ("hybrid", "lora"):
+    methods = ("hybrid", "lora", "hybrid_nested")
+    for method in methods:
         run_experiment(config(), method, 42, out, progress=False)
-    return {m: finished_files(out, m) for m in ("hybrid", "lora")}
+    return {m: finished_files(out, m) for m in methods}
 
 
 # (method, interruption points, position of the checkpoint the last resume starts from)
@@ -61,6 +62,7 @@ CASES = [
     ("hybrid", [11], [2, 2, 2]),       # Stage 2 after the rebuild to rank 4, mid-epoch
     ("hybrid", [3, 6], [2, 1, 2]),     # interrupted twice; the second time 2 + 6 steps in
     ("lora", [15], [2, 3, 2]),         # last epoch, rank 2
+    ("hybrid_nested", [11], [2, 2, 2]),  # DyLoRA's sampled ranks continue where they stopped
 ]
 
 

@@ -1,0 +1,92 @@
+"""True DyLoRA training (the DyLoRA paper's Algorithm 1) for the `*_nested` methods.
+
+Each optimizer step samples one rank b ~ p_B on [dylora_r_min, r] for the whole model. The
+forward pass uses every module's first b components at scaling alpha/b (through
+`component_mask`), and the step updates components 1..b, or only component b when
+`dylora_frozen`. Adam's momentum and weight decay would still move components outside that
+set, so they are put back after the step: they are left exactly as they were.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .adapters import component_mask, current_rank, lora_factors
+from .config import ExperimentConfig
+from .ranks import slice_multiplier
+
+
+def rank_distribution(cfg: ExperimentConfig, r: int) -> torch.Tensor:
+    """p_B over b = 1..r as a CPU tensor [r]: zero below dylora_r_min; uniform, or geometric
+    p (1 - p)^(b - r_min) renormalised to the range."""
+    b = torch.arange(1, r + 1, dtype=torch.float64)
+    inside = b >= cfg.dylora_r_min
+    if cfg.dylora_distribution == "uniform":
+        w = inside.double()
+    else:
+        w = torch.where(inside, cfg.dylora_p * (1 - cfg.dylora_p) ** (b - cfg.dylora_r_min), 0.0)
+    return w / w.sum()
+
+
+class NestedStep:
+    """Per-step rank sampling, truncated forward and masked update for one model (one rank)."""
+
+    def __init__(self, model, cfg: ExperimentConfig, mask: torch.Tensor):
+        r = current_rank(model)
+        self.cfg, self.mask, self.r = cfg, mask, r
+        self.probs = rank_distribution(cfg, r)
+        device = mask.device
+        ks = torch.arange(1, r + 1)
+        j = torch.arange(r)
+        # forward[b - 1] = the component factors of rank b (alpha/b); update[b - 1] = what steps
+        mult = slice_multiplier(model, 1, "dylora") / ks   # alpha/b over the model's alpha/r
+        self.forward = torch.where(j[None, :] < ks[:, None], mult[:, None], 0.0).to(device)  # [r, r]
+        upd = (j[None, :] == ks[:, None] - 1) if cfg.dylora_frozen else (j[None, :] < ks[:, None])
+        self.update = upd.to(device)                                                         # [r, r]
+        self.keep = torch.ones(r, dtype=torch.bool, device=device)
+        factors = [(a, b) for _, a, b, _ in lora_factors(model)]
+        self.params = [p for ab in factors for p in ab]
+        self.masks = [m for _ in factors for m in (self.keep[:, None], self.keep[None, :])]  # A rows, B cols
+        self.before = [p.detach().clone() for p in self.params]
+        self.hooks = []
+        if cfg.dylora_frozen:  # only component b may receive a gradient
+            self.hooks = [p.register_hook(lambda g, m=m: g * m) for p, m in zip(self.params, self.masks)]
+
+    def sample(self) -> int:
+        """Draw b from the global CPU RNG (saved in checkpoints, so a resumed run draws the same)."""
+        return int(torch.multinomial(self.probs, 1)) + 1
+
+    def begin(self, b: int) -> None:
+        """Before the forward pass: truncate to rank b; remember the weights."""
+        self.mask.copy_(self.forward[b - 1])
+        self.keep.copy_(self.update[b - 1])
+        torch._foreach_copy_(self.before, [p.detach() for p in self.params])
+
+    @torch.no_grad()
+    def end(self) -> None:
+        """After the optimizer step: components outside the update set get their old values."""
+        for p, old, m in zip(self.params, self.before, self.masks):
+            torch.where(m, p, old, out=p)
+
+    def full(self) -> None:
+        """All components at the model's own scaling (for evaluation)."""
+        self.mask.fill_(1.0)
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+@contextmanager
+def nested_training(model, cfg: ExperimentConfig, enabled: bool = True):
+    """Yield a NestedStep for `model` (None when not `enabled`); hooks are removed on exit."""
+    if not enabled:
+        yield None
+        return
+    with component_mask(model) as mask:
+        step = NestedStep(model, cfg, mask)
+        try:
+            yield step
+        finally:
+            step.close()

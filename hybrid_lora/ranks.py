@@ -1,0 +1,150 @@
+"""Cutting a trained adapter to lower ranks without training: slicing under an explicit scaling
+convention, SVD truncation of each module's delta W, and the post-hoc rank sweep.
+
+Scaling conventions when the first k of r components are kept (alpha = the adapter's lora_alpha):
+- "preserve": every kept component contributes as before (scaling stays alpha/r).
+- "dylora":   scaling becomes alpha/k, as in DyLoRA's training and PEFT's default for a rank-k
+              adapter with the same lora_alpha (kept components grow by r/k).
+SVD truncation replaces each module's B A by its best rank-k approximation (Eckart-Young),
+scaling unchanged, so scaling * B' A' is the best rank-k approximation of delta W.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .adapters import ADAPTER, component_mask, load_adapter, lora_factors, snapshot_factors
+from .evaluate import evaluate_loss_and_token_acc
+from .results import read_json, write_json_atomic
+
+SCALINGS = ("preserve", "dylora")
+
+
+def slice_multiplier(model: nn.Module, k: int, scaling: str) -> float:
+    """Factor on each of the first k components that gives rank k under `scaling`."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling={scaling!r}: must be one of {SCALINGS}")
+    if scaling == "preserve":
+        return 1.0
+    alpha = model.peft_config[ADAPTER].lora_alpha
+    current = lora_factors(model)[0][3]  # alpha_saved / r: uniform over modules
+    return alpha / k / current
+
+
+def lora_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of B A (B [out, r], A [r, in]) without forming it: (U [out, r], S [r], Vh [r, in]).
+
+    B = Qb Rb and A^T = Qa Ra (reduced QR), so B A = Qb (Rb Ra^T) Qa^T and only the r x r
+    middle matrix is decomposed. Computed in float64, returned in A's dtype.
+    """
+    qb, rb = torch.linalg.qr(b.double())        # [out, r], [r, r]
+    qa, ra = torch.linalg.qr(a.double().T)      # [in, r], [r, r]
+    um, s, vmh = torch.linalg.svd(rb @ ra.T)    # [r, r], [r], [r, r]
+    return (qb @ um).to(a.dtype), s.to(a.dtype), (vmh @ qa.T).to(a.dtype)
+
+
+def svd_truncate_factors(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A' [r, in], B' [out, r]) with B' A' the best rank-k approximation of B A; components
+    k.. are zero, so they fit the same module. Singular values are split evenly (sqrt S)."""
+    r = a.shape[0]
+    if not 1 <= k <= r:
+        raise ValueError(f"k={k}: must be between 1 and the adapter's rank {r}")
+    u, s, vh = lora_svd(a, b)
+    root = s[:k].sqrt()
+    a_new, b_new = torch.zeros_like(a), torch.zeros_like(b)
+    a_new[:k] = root[:, None] * vh[:k]   # [k, in]
+    b_new[:, :k] = u[:, :k] * root       # [out, k]
+    return a_new, b_new
+
+
+@contextmanager
+def swapped_factors(model: nn.Module, factors: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Inside the block the model's LoRA A and B hold `factors`; the originals come back after."""
+    saved = snapshot_factors(model)
+    live = [(a, b) for _, a, b, _ in lora_factors(model)]
+    try:
+        with torch.no_grad():
+            for (a, b), (a_new, b_new) in zip(live, factors):
+                a.copy_(a_new)
+                b.copy_(b_new)
+        yield model
+    finally:
+        with torch.no_grad():
+            for (a, b), (a_old, b_old) in zip(live, saved):
+                a.copy_(a_old)
+                b.copy_(b_old)
+
+
+def rank_sweep(model: nn.Module, loader, ranks, kind: str = "slice", scaling: str = "preserve",
+               amp_dtype: torch.dtype | None = None, progress=None) -> list[dict]:
+    """Evaluate one adapter cut to each rank in `ranks` (those above its rank are skipped),
+    no training. kind="slice": first k components under `scaling`; kind="svd": best rank-k
+    approximation of each module's delta W. Returns [{"rank", "loss", "acc"}]."""
+    if kind not in ("slice", "svd"):
+        raise ValueError(f"kind={kind!r}: must be 'slice' or 'svd'")
+    r = lora_factors(model)[0][1].shape[0]
+    ranks = sorted(k for k in set(ranks) if k <= r)
+    points = []
+    for k in ranks:
+        if kind == "slice":
+            with component_mask(model) as m:
+                m[k:] = 0.0
+                m[:k] = slice_multiplier(model, k, scaling)
+                ev = evaluate_loss_and_token_acc(model, loader, amp_dtype)
+        else:
+            cut = [svd_truncate_factors(a.detach(), b.detach(), k) for _, a, b, _ in lora_factors(model)]
+            with swapped_factors(model, cut):
+                ev = evaluate_loss_and_token_acc(model, loader, amp_dtype)
+        points.append({"rank": k, "loss": ev["loss"], "acc": ev["acc"]})
+        if progress is not None:
+            progress.update()
+    return points
+
+
+def sweep_adapters(adapters: dict, loaders: dict, ranks, kinds, amp_dtype=None,
+                   progress: bool = True) -> list[dict]:
+    """Rank sweeps of several adapters on several domains, as flat rows for `sweep.json`.
+
+    adapters: {"stage1": model, "final": model}; loaders: {"A": eval loader, "B": ...};
+    kinds: [("slice", "preserve"), ("svd", "preserve"), ...]. Each row: adapter,
+    adapter_rank, domain, kind, scaling, rank, loss, acc.
+    """
+    from tqdm.auto import tqdm
+
+    jobs = [(name, model, domain, loader, kind, scaling)
+            for name, model in adapters.items() for domain, loader in loaders.items()
+            for kind, scaling in kinds]
+    total = sum(len([k for k in set(ranks) if k <= lora_factors(model)[0][1].shape[0]])
+                for _, model, *_ in jobs)
+    bar = tqdm(total=total, desc="rank sweep", unit="eval", disable=not progress)
+    rows = []
+    for name, model, domain, loader, kind, scaling in jobs:
+        r = lora_factors(model)[0][1].shape[0]
+        for point in rank_sweep(model, loader, ranks, kind, scaling, amp_dtype, progress=bar):
+            rows.append({"adapter": name, "adapter_rank": r, "domain": domain, "kind": kind,
+                         "scaling": scaling, **point})
+    bar.close()
+    return rows
+
+
+def sweep_run(run, cfg, loaders: dict, ranks, kinds, device, amp_dtype=None,
+              progress: bool = True) -> list[dict]:
+    """Sweep the saved adapters of one run folder (`adapter_stage1/`, `adapter_final/`, those
+    present) on `loaders`; merge the rows into `<run>/sweep.json` (a row with the same
+    adapter, domain, kind, scaling and rank is replaced) and return all its rows."""
+    from pathlib import Path
+
+    run = Path(run)
+    adapters = {name: load_adapter(cfg, run / f"adapter_{name}", device)
+                for name in ("stage1", "final") if (run / f"adapter_{name}").exists()}
+    if not adapters:
+        raise FileNotFoundError(f"no adapter_stage1/ or adapter_final/ in {run}")
+    new = sweep_adapters(adapters, loaders, ranks, kinds, amp_dtype, progress)
+    key = lambda row: tuple(row[k] for k in ("adapter", "domain", "kind", "scaling", "rank"))  # noqa: E731
+    old = read_json(run / "sweep.json") if (run / "sweep.json").exists() else []
+    fresh = {key(row) for row in new}
+    rows = [row for row in old if key(row) not in fresh] + new
+    write_json_atomic(run / "sweep.json", rows)
+    return rows

@@ -1,0 +1,190 @@
+"""Rank flexibility: DyLoRA nested training, slicing conventions, SVD truncation, the rank sweep."""
+import math
+
+import pytest
+import torch
+
+from hybrid_lora.adapters import ADAPTER, build_model, lora_factors, rebuild_model_for_new_rank
+from hybrid_lora.data import make_loaders
+from hybrid_lora.evaluate import evaluate_loss_and_token_acc
+from hybrid_lora.nested import nested_training, rank_distribution
+from hybrid_lora.ranks import lora_svd, rank_sweep, svd_truncate_factors
+from hybrid_lora.results import rank_auc, read_json, run_dir
+from hybrid_lora.train import make_optimizer, run_experiment
+
+from conftest import randomize_lora, tiny_config
+
+R = 8
+
+
+def batch(cfg, n=3, seed=0):
+    return torch.randint(1, 257, (n, cfg.max_length), generator=torch.Generator().manual_seed(seed))
+
+
+def copy_first(src, dst, k):
+    with torch.no_grad():
+        for (_, a, b, _), (_, a2, b2, _) in zip(lora_factors(src), lora_factors(dst)):
+            a2.copy_(a[:k])
+            b2.copy_(b[:, :k])
+
+
+@pytest.mark.parametrize("b", [1, 3, 8])
+def test_nested_forward_at_rank_b_is_a_rank_b_lora_with_scaling_alpha_over_b(cfg, b):
+    model, _ = build_model(cfg)
+    randomize_lora(model)
+    model.eval()  # no dropout: compare the deterministic maps
+    reference, _ = build_model(cfg, r=b)  # PEFT: same lora_alpha, so scaling alpha/b
+    assert lora_factors(reference)[0][3] == pytest.approx(cfg.lora_alpha / b)
+    copy_first(model, reference, b)
+    reference.eval()
+    x = batch(cfg)
+    with torch.no_grad(), nested_training(model, cfg) as nest:
+        nest.begin(b)
+        got = model(input_ids=x).logits
+        nest.full()
+        full = model(input_ids=x).logits
+    torch.testing.assert_close(got, reference(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(full, model(input_ids=x).logits)  # hooks gone, full rank unchanged
+    if b < R:
+        assert not torch.allclose(got, full, atol=1e-3)
+
+
+def grads_by_component(model):
+    """Per LoRA module: which components (A rows, B columns) got a non-zero gradient."""
+    return [((a.grad.abs().sum(1) > 0).tolist(), (b.grad.abs().sum(0) > 0).tolist())
+            for _, a, b, _ in lora_factors(model)]
+
+
+@pytest.mark.parametrize("frozen, b, expected", [
+    (True, 5, [j == 4 for j in range(R)]),   # only component b (1-based) learns
+    (False, 5, [j < 5 for j in range(R)]),   # components 1..b learn
+])
+def test_gradient_reaches_only_the_components_being_updated(cfg, frozen, b, expected):
+    cfg = tiny_config(dylora_frozen=frozen)
+    model, _ = build_model(cfg)
+    randomize_lora(model)
+    x = batch(cfg)
+    with nested_training(model, cfg) as nest:
+        nest.begin(b)
+        model(input_ids=x, labels=x).loss.backward()
+    for rows, cols in grads_by_component(model):
+        assert rows == expected and cols == expected
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_adam_moves_nothing_outside_the_update_set(frozen):
+    """AdamW's momentum and weight decay would move components that got no gradient this step."""
+    cfg = tiny_config(dylora_frozen=frozen)
+    model, _ = build_model(cfg)
+    randomize_lora(model)
+    opt = make_optimizer(model, cfg)
+    x = batch(cfg)
+    with nested_training(model, cfg) as nest:
+        for b in (8, 3):  # the first step gives every component momentum
+            before = [(a.detach().clone(), bb.detach().clone()) for _, a, bb, _ in lora_factors(model)]
+            nest.begin(b)
+            opt.zero_grad()
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            nest.end()
+        updated = [j == 2 for j in range(R)] if frozen else [j < 3 for j in range(R)]
+        for (_, a, bb, _), (a0, b0) in zip(lora_factors(model), before):
+            assert [not torch.equal(a[j], a0[j]) for j in range(R)] == updated
+            assert [not torch.equal(bb[:, j], b0[:, j]) for j in range(R)] == updated
+
+
+def test_rank_distributions():
+    cfg = tiny_config(dylora_r_min=2)
+    p = rank_distribution(cfg, 8)
+    assert p[0] == 0 and torch.allclose(p[1:], torch.full((7,), 1 / 7, dtype=torch.float64))
+    g = rank_distribution(tiny_config(dylora_r_min=2, dylora_distribution="geometric", dylora_p=0.3), 8)
+    raw = [0.0] + [0.3 * 0.7 ** (b - 2) for b in range(2, 9)]
+    assert g.tolist() == pytest.approx([w / sum(raw) for w in raw])
+
+
+def test_lora_svd_matches_the_full_matrix_svd():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 20, generator=g), torch.randn(30, 6, generator=g)
+    u, s, vh = lora_svd(a, b)
+    full = torch.linalg.svdvals((b @ a).double())  # the slow reference: SVD of the 30 x 20 matrix
+    torch.testing.assert_close(s.double(), full[:6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, b @ a, atol=1e-4, rtol=1e-5)
+    a_full, b_full = svd_truncate_factors(a, b, 6)  # full rank reproduces delta W
+    torch.testing.assert_close(b_full @ a_full, b @ a, atol=1e-4, rtol=1e-5)
+    for k in (1, 3, 5):
+        a_k, b_k = svd_truncate_factors(a, b, k)
+        err = (b @ a - b_k @ a_k).double()
+        assert torch.linalg.matrix_norm(err).item() == pytest.approx(full[k:6].square().sum().sqrt().item(), rel=1e-4)
+        assert torch.linalg.matrix_norm(err, ord=2).item() == pytest.approx(full[k].item(), rel=1e-4)
+        assert torch.count_nonzero(a_k[k:]) == 0 and torch.count_nonzero(b_k[:, k:]) == 0
+
+
+def test_svd_truncation_agrees_with_peft_svd_conversion(cfg):
+    model, _ = build_model(cfg)
+    randomize_lora(model)
+    k = 3
+    # With one adapter PEFT silently switches to a linear merge and ignores svd_rank; the same
+    # adapter twice at weight 0.5 gives its SVD of delta W.
+    model.add_weighted_adapter([ADAPTER, ADAPTER], [0.5, 0.5], "svd3", combination_type="svd", svd_rank=k)
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "svd3" in mod.lora_A:
+            a, b = mod.lora_A[ADAPTER].weight, mod.lora_B[ADAPTER].weight
+            a_k, b_k = svd_truncate_factors(a.detach(), b.detach(), k)
+            ours = mod.scaling[ADAPTER] * (b_k @ a_k)  # [out, in]
+            peft = mod.get_delta_weight("svd3").T if mod.fan_in_fan_out else mod.get_delta_weight("svd3")
+            torch.testing.assert_close(ours, peft.detach(), atol=1e-4, rtol=1e-4)
+            assert torch.linalg.matrix_rank(peft.detach()) == k
+
+
+@pytest.fixture
+def trained(cfg):
+    model, tok = build_model(cfg)
+    randomize_lora(model, scale=0.3)
+    return model, make_loaders(cfg, tok, "imdb", seed=0)[1]
+
+
+def test_sweep_at_the_adapters_own_rank_equals_ordinary_evaluation(trained):
+    model, loader = trained
+    ev = evaluate_loss_and_token_acc(model, loader)
+    for kind, scaling in (("slice", "preserve"), ("slice", "dylora"), ("svd", "preserve")):
+        point = rank_sweep(model, loader, [R], kind, scaling)[0]
+        if kind == "slice":
+            assert (point["loss"], point["acc"]) == (ev["loss"], ev["acc"])
+        else:  # rotated factors: same delta W up to float rounding
+            assert point["loss"] == pytest.approx(ev["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("scaling, rebuild", [("preserve", "preserve"), ("dylora", "peft")])
+def test_slice_sweep_equals_a_rebuilt_lower_rank_model(cfg, trained, scaling, rebuild):
+    model, loader = trained
+    points = rank_sweep(model, loader, [1, 4, 16], "slice", scaling)
+    assert [p["rank"] for p in points] == [1, 4]  # 16 is above the adapter's rank
+    for p in points:
+        ev = evaluate_loss_and_token_acc(rebuild_model_for_new_rank(model, p["rank"], cfg, rebuild), loader)
+        assert p["loss"] == pytest.approx(ev["loss"], abs=1e-6) and p["acc"] == pytest.approx(ev["acc"], abs=1e-9)
+    assert evaluate_loss_and_token_acc(model, loader)["loss"] != points[0]["loss"]
+
+
+def test_rank_auc_on_hand_numbers():
+    pts = [{"rank": 1, "acc": 0.2}, {"rank": 4, "acc": 0.4}, {"rank": 2, "acc": 0.3}]
+    # log2 ranks 0, 1, 2: trapezoids (0.2 + 0.3)/2 + (0.3 + 0.4)/2 = 0.6; / (0.4 * 2)
+    assert rank_auc(pts) == pytest.approx(0.75)
+    assert rank_auc([{"rank": k, "acc": 0.5} for k in (1, 2, 8)]) == pytest.approx(1.0)
+    assert math.isnan(rank_auc(pts[:1]))
+
+
+def test_nested_and_small_methods_run_through_the_pipeline(tmp_path):
+    cfg = tiny_config(sweep_ranks=(1, 2, 4, 8))
+    nested = run_experiment(cfg, "dylora_nested", 42, tmp_path, progress=False)
+    small = run_experiment(cfg, "lora_small", 42, tmp_path, progress=False)
+    assert [h["rank"] for h in nested["history"]] == [8, 8, 4, 2]
+    assert [h["rank"] for h in small["history"]] == [2, 2, 2, 2]
+    assert small["history"][0]["trainable_params"] == nested["history"][-1]["trainable_params"]
+    sweep = read_json(run_dir(tmp_path, "dylora_nested", 42) / "sweep.json")
+    slices = {(r["adapter"], r["domain"], r["rank"]) for r in sweep if r["kind"] == "slice"}
+    assert slices == {("stage1", d, k) for d in "AB" for k in (1, 2, 4, 8)} | \
+        {("final", d, k) for d in "AB" for k in (1, 2)}
+    assert {r["scaling"] for r in sweep if r["kind"] == "slice"} == {"dylora"}
+    assert 0 < nested["metrics"]["rank_auc_stage1_A"] <= 1.5
+    final_b = [r for r in sweep if (r["adapter"], r["domain"], r["kind"], r["rank"]) == ("final", "B", "slice", 2)]
+    assert final_b[0]["acc"] == nested["metrics"]["B_after_stage2"]["acc"]  # own rank = the ordinary eval
