@@ -3,8 +3,10 @@
     python benchmarks/step_cost.py [--model ../shared/models/tiny-imdb-base] [--steps 20]
 
 Times, on the same batch and model: a CE-only step; CE + ordering + DC as `train_stage` does it
-(LoRA factors collected and the Stage-1 vector flattened once); and the same terms with the
-factors re-collected from the model and the Stage-1 vector re-flattened every step.
+(LoRA factors collected and the Stage-1 vector flattened once); the same terms with the
+factors re-collected from the model and the Stage-1 vector re-flattened every step; and a
+CE step with DyLoRA's sampled rank (mask hook, snapshot and restore of the weights outside the
+update set).
 """
 import argparse
 import dataclasses
@@ -16,6 +18,7 @@ import torch
 from hybrid_lora import ExperimentConfig, build_model
 from hybrid_lora.adapters import flatten_factors, lora_factors, snapshot_factors
 from hybrid_lora.losses import causal_lm_sums, domain_correlation_loss, ordering_penalty
+from hybrid_lora.nested import nested_training
 
 
 def main() -> None:
@@ -34,13 +37,17 @@ def main() -> None:
     factors = [(a, b) for _, a, b, _ in lora_factors(model)]
     w_prev = flatten_factors(stage1, args.r)
 
-    def step(extra) -> None:
+    def step(extra, nest=None) -> None:
+        if nest is not None:
+            nest.begin(nest.sample())
         logits = model(input_ids=ids).logits
         ce, n, _ = causal_lm_sums(logits, ids, with_hits=False)
         loss = ce / n + extra()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if nest is not None:
+            nest.end()
 
     def hoisted():
         return 1e-4 * ordering_penalty(factors) + domain_correlation_loss(w_prev, flatten_factors(factors), 0.1)
@@ -51,15 +58,24 @@ def main() -> None:
             flatten_factors(stage1, args.r), flatten_factors(facs), 0.1)
 
     variants = {"CE only": lambda: 0.0, "CE+order+DC (hoisted)": hoisted, "CE+order+DC (per step)": per_step}
-    times = {k: [] for k in variants}
+    times = {k: [] for k in [*variants, "CE, DyLoRA sampled rank"]}
+
+    def timed_nested() -> float:
+        with nested_training(model, cfg) as nest:  # hooks set up outside the timed step
+            t = time.perf_counter()
+            step(lambda: 0.0, nest)
+            return time.perf_counter() - t
+
     for _ in range(2):
         for f in variants.values():
             step(f)  # warm-up
+        timed_nested()
     for _ in range(args.steps):  # interleaved, so drift in machine load hits all variants alike
         for k, f in variants.items():
             t = time.perf_counter()
             step(f)
             times[k].append(time.perf_counter() - t)
+        times["CE, DyLoRA sampled rank"].append(timed_nested())
     base = statistics.median(times["CE only"])
     for k, v in times.items():
         med = statistics.median(v)

@@ -5,13 +5,14 @@ from .config import ExperimentConfig, from_preset
 from .evaluate import evaluate_loss_and_token_acc
 from .losses import domain_correlation_loss, ordering_regularizer
 from .methods import METHODS
-from .results import (load_history, load_run_history, load_summary, method_table, metrics_table,
-                      run_dir)
+from .results import (load_history, load_run_history, load_summary, load_sweeps, method_table,
+                      metrics_table, rank_table, run_dir)
 from .train import device_report, run_all, run_experiment
 
 __version__ = "0.1.0"
 __all__ = ["ExperimentConfig", "METHODS", "build_model", "count_trainable_params", "device_report",
            "domain_correlation_loss", "evaluate_loss_and_token_acc", "flatten_lora_params",
            "from_preset", "load_adapter", "load_history", "load_run_history", "load_summary",
-           "lora_factors", "method_table", "metrics_table", "ordering_regularizer",
+           "load_sweeps", "lora_factors", "method_table", "metrics_table", "ordering_regularizer",
+           "rank_table",
            "rebuild_model_for_new_rank", "run_all", "run_dir", "run_experiment"]

@@ -1,11 +1,13 @@
-"""Command line: `python -m hybrid_lora run --preset smoke|paper ... --out DIR`."""
+"""Command line: `python -m hybrid_lora run|plot|sweep-ranks ...` (see --help of each)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .config import METHOD_NAMES, PRESETS, ExperimentConfig, from_preset
-from .results import format_table
+from pathlib import Path
+
+from .config import METHOD_NAMES, PRESETS, SWEEP_KINDS, ExperimentConfig, from_preset
+from .results import format_table, read_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and evaluate methods x seeds, write results")
     run.add_argument("--preset", choices=PRESETS, default="smoke")
-    run.add_argument("--methods", nargs="+", choices=METHOD_NAMES, help="default: all four")
+    run.add_argument("--methods", nargs="+", choices=METHOD_NAMES,
+                     help="default: the paper's four (lora dylora dc hybrid)")
     run.add_argument("--seeds", nargs="+", type=int, help="default: the preset's seeds")
     run.add_argument("--data-dir", help="read <DIR>/<domain>.jsonl instead of the hub / built-in corpus")
     run.add_argument("--model", help="base model: hub name or local folder")
@@ -24,7 +27,48 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="redraw every figure of a results folder (no training, no GPU)")
     plot.add_argument("--results", required=True, help="a folder written by `run`")
     plot.add_argument("--images", required=True, help="where to write the PNG files")
+    sweep = sub.add_parser("sweep-ranks", help="evaluate a run's saved adapters cut to each rank "
+                                              "(no training); merges into <run>/sweep.json")
+    sweep.add_argument("--run", required=True, help="a run folder, <out>/<method>/seed<k>")
+    sweep.add_argument("--ranks", nargs="+", type=int, help="default: the run's sweep_ranks")
+    sweep.add_argument("--kinds", nargs="+", choices=SWEEP_KINDS, help="default: the run's sweep_kinds")
+    sweep.add_argument("--scaling", choices=("method", "preserve", "dylora", "both"), default="method",
+                       help="slicing convention; 'method': the one the method trains with")
+    sweep.add_argument("--device", help="default: the run's device setting")
+    sweep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    """`sweep-ranks`: rebuild the run's config and evaluation data, sweep, print the rows."""
+    from .adapters import load_tokenizer
+    from .data import make_loaders
+    from .evaluate import choose_amp_dtype
+    from .methods import get_method
+    from .ranks import sweep_run
+    from .train import resolve_device
+
+    run = Path(args.run)
+    if not (run / "config.json").exists():
+        raise SystemExit(f"sweep-ranks: {run} has no config.json (expected <out>/<method>/seed<k>)")
+    saved = read_json(run / "config.json")
+    cfg, method = ExperimentConfig.from_dict(saved), get_method(saved["method"])
+    scalings = {"method": [method.cut_scaling(cfg)], "both": ["preserve", "dylora"]}.get(
+        args.scaling, [args.scaling])
+    kinds = [(kind, s) for kind in (args.kinds or cfg.sweep_kinds)
+             for s in (scalings if kind == "slice" else ["preserve"])]
+    device = resolve_device(args.device or cfg.device)
+    tok = load_tokenizer(cfg)
+    loaders = {name: make_loaders(cfg, tok, domain, saved["seed"])[1]
+               for name, domain in zip("AB", cfg.domains)}
+    rows = sweep_run(run, cfg, loaders, args.ranks or cfg.sweep_ranks, kinds, device,
+                     choose_amp_dtype(cfg.mixed_precision, device), progress=not args.no_progress)
+    print(f"{'adapter':<8}{'domain':>7}{'kind':>7}{'scaling':>10}{'rank':>6}{'loss':>9}{'acc':>8}")
+    for r in sorted(rows, key=lambda r: (r["adapter"], r["domain"], r["kind"], r["scaling"], r["rank"])):
+        print(f"{r['adapter']:<8}{r['domain']:>7}{r['kind']:>7}{r['scaling']:>10}{r['rank']:>6}"
+              f"{r['loss']:>9.4f}{r['acc']:>8.4f}")
+    print(f"written: {run / 'sweep.json'}")
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -43,6 +87,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "sweep-ranks":
+        return sweep_command(args)
     if args.command == "plot":
         from .plots import plot_all
 

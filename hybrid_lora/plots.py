@@ -95,6 +95,40 @@ def plot_cos_to_stage1(history):
     return fig
 
 
+def plot_rank_sweep(sweeps, adapter: str = "final", domain: str = "B"):
+    """Loss (left) and accuracy (right) versus rank (log2 axis) of one adapter on one domain,
+    every method x kind of cut; mean +- s.d. over seeds. Solid: slicing; dashed: SVD."""
+    rows = sweeps[(sweeps["adapter"] == adapter) & (sweeps["domain"] == domain)]
+    if rows.empty:
+        raise ValueError(f"no sweep rows for adapter={adapter!r} domain={domain!r}")
+    present = list(dict.fromkeys(rows["method"]))
+    methods = [m for m in METHOD_NAMES if m in present] + [m for m in present if m not in METHOD_NAMES]
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for (method, kind, scaling), g in rows.groupby(["method", "kind", "scaling"], sort=False):
+        label = f"{method} ({'SVD' if kind == 'svd' else 'slice, ' + scaling})"
+        for ax, col in zip(axes, ("loss", "acc")):
+            by_rank = g.groupby("rank")[col]
+            mean, std = by_rank.mean(), by_rank.std(ddof=1).fillna(0.0)
+            ax.errorbar(mean.index, mean.values, yerr=std.values, color=colors[method], capsize=2,
+                        ls="--" if kind == "svd" else "-", marker="o" if kind == "slice" else "x",
+                        ms=4, label=label)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ranks = sorted(rows["rank"].unique())
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("rank kept (log2 axis; no retraining)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"eval loss on {domain} (nats / token)")
+    axes[1].set_ylabel(f"next-token accuracy on {domain}")
+    axes[1].legend(fontsize=7, loc="lower right")
+    n = rows.groupby("method")["seed"].nunique()
+    fig.suptitle(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter cut to each rank, domain {domain} "
+                 f"(mean ± s.d. over {n.min()}{'' if n.min() == n.max() else '-' + str(n.max())} seeds)")
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Save as PNG (150 dpi), creating folders; returns the path."""
     path = Path(path)
@@ -106,7 +140,7 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def plot_all(out: str | Path, image_dir: str | Path) -> list[Path]:
     """Redraw every figure of the results folder `out` into `image_dir`; returns the PNG paths."""
-    from .results import load_history, load_summary
+    from .results import load_history, load_summary, load_sweeps
 
     summary, history = load_summary(out), load_history(out)
     paths = [save_figure(plot_method_comparison(summary, "acc"), Path(image_dir) / "methods_acc.png"),
@@ -115,4 +149,11 @@ def plot_all(out: str | Path, image_dir: str | Path) -> list[Path]:
     for (method, seed), _ in history.groupby(["method", "seed"], sort=False):
         paths.append(save_figure(plot_stage_history(history, method, seed),
                                  Path(image_dir) / f"history_{method}_seed{seed}.png"))
+    try:
+        sweeps = load_sweeps(out)
+    except FileNotFoundError:  # results made without rank sweeps
+        return paths
+    for adapter, domain in sweeps[["adapter", "domain"]].drop_duplicates().itertuples(index=False):
+        paths.append(save_figure(plot_rank_sweep(sweeps, adapter, domain),
+                                 Path(image_dir) / f"rank_sweep_{adapter}_{domain}.png"))
     return paths

@@ -182,3 +182,47 @@ def method_table(summary, columns: tuple[str, ...] = ("A_after_stage1_acc", "A_a
     table = grouped[list(columns)].agg(["mean", "std"])
     table.insert(0, ("n_seeds", ""), grouped["seed"].nunique())
     return table
+
+
+def load_sweeps(out: str | Path):
+    """Every finished run's sweep.json under `out` as one DataFrame.
+
+    Columns: method, seed, SWEEP_COLUMNS, then base_loss / base_acc (the base model on that
+    domain, from metrics.json) and `gain_kept` / `loss_gain_kept`: the share of the adapter's
+    own-rank gain over the base model that the cut keeps, in accuracy and in loss
+    ((acc_k - acc_base) / (acc_full - acc_base), (L_base - L_k) / (L_base - L_full)).
+    """
+    import pandas as pd
+
+    frames = []
+    for run in finished_runs(out):
+        if not (run / "sweep.json").exists():
+            continue
+        cfg, m = read_json(run / "config.json"), read_json(run / "metrics.json")
+        df = pd.DataFrame(read_json(run / "sweep.json"), columns=list(SWEEP_COLUMNS))
+        df.insert(0, "seed", cfg["seed"])
+        df.insert(0, "method", cfg["method"])
+        df["base_loss"] = [m[f"{d}_base"]["loss"] for d in df["domain"]]
+        df["base_acc"] = [m[f"{d}_base"]["acc"] for d in df["domain"]]
+        frames.append(df)
+    if not frames:
+        raise FileNotFoundError(f"no finished runs with a sweep.json under {out}")
+    df = pd.concat(frames, ignore_index=True)
+    group = ["method", "seed", "adapter", "domain", "kind", "scaling"]
+    own = df[df["rank"] == df["adapter_rank"]].set_index(group)[["loss", "acc"]]
+    full = own.rename(columns={"loss": "full_loss", "acc": "full_acc"})
+    df = df.join(full, on=group)
+    df["gain_kept"] = (df["acc"] - df["base_acc"]) / (df["full_acc"] - df["base_acc"])
+    df["loss_gain_kept"] = (df["base_loss"] - df["loss"]) / (df["base_loss"] - df["full_loss"])
+    return df
+
+
+def rank_table(sweeps, rank: int, adapter: str = "final", domain: str = "B"):
+    """Mean and s.d. over seeds at one rank, one row per (method, kind, scaling)."""
+    at = sweeps[(sweeps["rank"] == rank) & (sweeps["adapter"] == adapter) & (sweeps["domain"] == domain)]
+    if at.empty:
+        raise ValueError(f"no sweep rows at rank {rank} for adapter={adapter!r} domain={domain!r}")
+    grouped = at.groupby(["method", "kind", "scaling"], sort=False)
+    table = grouped[["loss", "acc", "gain_kept", "loss_gain_kept"]].agg(["mean", "std"])
+    table.insert(0, ("n_seeds", ""), grouped["seed"].nunique())
+    return table

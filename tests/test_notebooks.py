@@ -10,7 +10,7 @@ from hybrid_lora.results import read_json, run_dir
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ["01_stage1_imdb.ipynb", "02_stage2_yelp_rank_rebuild.ipynb",
-             "03_multi_seed_sweep.ipynb", "04_plots.ipynb"]
+             "03_multi_seed_sweep.ipynb", "04_plots.ipynb", "05_rank_sweep.ipynb"]
 
 
 def cells(name: str) -> list[dict]:
@@ -63,6 +63,7 @@ def executed(tmp_path_factory):
         "03_multi_seed_sweep.ipynb": {"SMOKE": True, "OUT_DIR": str(out), "CHECKPOINT_EVERY": 10,
                                       "SEEDS": [42, 43]},
         "04_plots.ipynb": {"RESULTS_DIR": str(out), "IMAGE_DIR": str(work / "images")},
+        "05_rank_sweep.ipynb": {"SMOKE": True, "OUT_DIR": str(work / "sweep"), "SEEDS": [42]},
     }
     seconds, texts = {}, {}
     for name in NOTEBOOKS:
@@ -102,7 +103,17 @@ def test_plots_notebook_redraws_every_figure(executed):
     images = sorted(p.name for p in (executed["work"] / "images").glob("*.png"))
     assert images == sorted(["methods_acc.png", "methods_loss.png", "cos_to_stage1.png"]
                             + [f"history_{m}_seed{s}.png" for m in ("lora", "dylora", "dc", "hybrid")
-                               for s in (42, 43)])
+                               for s in (42, 43)]
+                            + [f"rank_sweep_{a}_{d}.png" for a in ("stage1", "final") for d in "AB"])
+
+
+def test_rank_sweep_notebook_sweeps_every_method(executed):
+    sweep = executed["work"] / "sweep"
+    for method in ("lora", "dylora", "hybrid", "dylora_nested", "hybrid_nested", "lora_small"):
+        assert (run_dir(sweep, method, 42) / "sweep.json").exists()
+    for figure in ("rank_sweep_stage1_A.png", "rank_sweep_final_B.png"):
+        assert (sweep / "images" / figure).exists()
+    assert "final adapter on B at rank 2" in executed["texts"]["05_rank_sweep.ipynb"]
 
 
 def summary_lines(path: Path) -> list[str]:
