@@ -226,3 +226,46 @@ def rank_table(sweeps, rank: int, adapter: str = "final", domain: str = "B"):
     table = grouped[["loss", "acc", "gain_kept", "loss_gain_kept"]].agg(["mean", "std"])
     table.insert(0, ("n_seeds", ""), grouped["seed"].nunique())
     return table
+
+
+def cl_metrics(acc: list[list[float]], loss: list[list[float]],
+               single_acc: list[float] | None = None) -> dict:
+    """Continual-learning metrics from R matrices R[t][i] (t = 0 base model, t = 1..T after
+    stage t; domain i is trained in stage i + 1). Per earlier domain i < T - 1:
+    forgetting = max over stages t = i+1..T-1 of acc[t][i] - acc[T][i]; delta_loss =
+    loss[T][i] - loss[i+1][i] (nats/token); delta_ppl the same in perplexity; gain_retained =
+    (loss[0][i] - loss[T][i]) / (loss[0][i] - loss[i+1][i]). Over all: avg_final_acc =
+    mean_i acc[T][i]; bwt = mean over earlier domains of acc[T][i] - acc[i+1][i]. With
+    `single_acc` (accuracy of training on domain i alone): plasticity[i] =
+    (acc[i+1][i] - acc[0][i]) / (single_acc[i] - acc[0][i])."""
+    T = len(acc) - 1
+    if T < 1 or any(len(row) != T for row in acc) or len(loss) != T + 1:
+        raise ValueError(f"R matrices must be (T + 1) x T with T >= 1; got {len(acc)} rows")
+    earlier = range(T - 1)
+    out = {
+        "avg_final_acc": sum(acc[T]) / T,
+        "bwt": sum(acc[T][i] - acc[i + 1][i] for i in earlier) / (T - 1) if T > 1 else math.nan,
+        "forgetting": [max(acc[t][i] for t in range(i + 1, T)) - acc[T][i] for i in earlier],
+        "delta_loss": [loss[T][i] - loss[i + 1][i] for i in earlier],
+        "delta_ppl": [math.exp(loss[T][i]) - math.exp(loss[i + 1][i]) for i in earlier],
+        "gain_retained": [(loss[0][i] - loss[T][i]) / (loss[0][i] - loss[i + 1][i])
+                          if loss[0][i] != loss[i + 1][i] else math.nan for i in earlier],
+    }
+    if single_acc is not None:
+        out["plasticity"] = [(acc[i + 1][i] - acc[0][i]) / (single_acc[i] - acc[0][i])
+                             if single_acc[i] != acc[0][i] else math.nan for i in range(T)]
+    return out
+
+
+def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: int = 0) -> tuple:
+    """(mean of a - b, lower, upper): percentile bootstrap CI of the mean paired difference,
+    resampling the evaluation sequences (a[j] and b[j] measured on the same sequence j)."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.ndim != 1 or len(d) < 2:
+        raise ValueError(f"need two equal-length 1-D sequences of >= 2 values; got shape {d.shape}")
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    means = d[idx].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
