@@ -30,7 +30,8 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 # under a config that differs from its saved config.json only in these.
 RUN_INDEPENDENT_FIELDS = ("methods", "seeds", "checkpoint_every", "keep_checkpoints")
 # Fields that only Stage 2 reads: they may change between a Stage-1-only call and Stage 2.
-STAGE2_FIELDS = ("lambda_dc", "rank_schedule", "epochs_stage2", "rebuild_scaling")
+STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "rebuild_scaling")
+DC_VARIANTS = ("global", "per_module", "delta_w")
 PRESETS = ("paper", "smoke")
 
 
@@ -65,6 +66,7 @@ class ExperimentConfig:
     weight_decay: float = 0.01  # torch.optim.AdamW's default
     lambda_order: float = 1e-4
     lambda_dc: float = 0.1
+    dc_variant: str = "global"  # paper: cosine of all A, B flattened; "per_module"; "delta_w" (of B A)
     rank_schedule: tuple[int, ...] = (64, 32, 16)  # Stage-2 rank of each epoch
     rebuild_scaling: str = "preserve"  # "preserve" or "peft" (the original's alpha/r drift)
     # true DyLoRA training (methods *_nested): each step one rank b ~ p_B on [dylora_r_min, r]
@@ -172,6 +174,8 @@ class ExperimentConfig:
                 raise bad(name, "must be True or False")
         if not isinstance(self.dylora_r_min, int) or not 1 <= self.dylora_r_min <= min(self.rank_schedule):
             raise bad("dylora_r_min", f"must be between 1 and the lowest scheduled rank {min(self.rank_schedule)}")
+        if self.dc_variant not in DC_VARIANTS:
+            raise bad("dc_variant", f"must be one of {DC_VARIANTS}")
         if self.dylora_distribution not in DYLORA_DISTRIBUTIONS:
             raise bad("dylora_distribution", f"must be one of {DYLORA_DISTRIBUTIONS}")
         if not 0.0 < self.dylora_p < 1.0:

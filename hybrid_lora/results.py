@@ -19,7 +19,7 @@ from pathlib import Path
 
 SCHEMA_VERSION = 2
 HISTORY_KEYS = ("stage", "epoch", "rank", "train_ce", "train_order", "train_dc", "eval_loss",
-                "eval_acc", "cos_to_stage1", "trainable_params", "seconds")
+                "eval_acc", "cos_to_stage1", "dc_end", "dc_grad_norm", "trainable_params", "seconds")
 EVAL_KEYS = ("A_base", "B_base", "A_after_stage1", "A_after_stage2", "B_after_stage2")
 DERIVED_KEYS = ("retention", "delta_loss_A", "gain_retained")
 SWEEP_KEYS = ("rank_auc_stage1_A", "rank_auc_final_B")  # from sweep.json; NaN when not swept

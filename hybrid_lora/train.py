@@ -25,6 +25,7 @@ from .checkpoint import (checkpoint_position, clear_checkpoints, load_checkpoint
 from .config import RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
 from .data import make_loaders
 from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, model_device
+from .cl_losses import dc_delta_w, dc_per_module
 from .losses import causal_lm_sums, domain_correlation_loss, ordering_penalty
 from .methods import Method, get_method
 from .nested import nested_training
@@ -73,6 +74,27 @@ def _zero_sums(device: torch.device) -> dict:
             "tokens": torch.zeros((), dtype=torch.long, device=device),
             "order": torch.zeros((), device=device), "dc": torch.zeros((), device=device),
             "steps": 0, "seconds": 0.0}
+
+
+def _dc_term(variant: str, factors, stage1_factors, w_prev, rank: int, lam: float):
+    """The DC loss of `variant` as a function of the live factors (set up once per build)."""
+    if stage1_factors is None or not lam:
+        return None
+    if variant == "global":  # live vector: the gradient reaches the LoRA weights (defect 1)
+        return lambda: domain_correlation_loss(w_prev, flatten_factors(factors), lam)
+    if variant == "per_module":
+        prev = [(a[:rank], b[:, :rank]) for a, b in stage1_factors]  # aligned per module
+        return lambda: dc_per_module(factors, prev, lam)
+    return lambda: dc_delta_w(factors, stage1_factors, lam)  # B A of any rank
+
+
+def _dc_probe(dc_term, factors) -> tuple[float, float]:
+    """(DC value, norm of its gradient w.r.t. all LoRA weights) at the current weights: shows
+    whether the term acts. Needs no forward pass of the model."""
+    with torch.enable_grad():
+        value = dc_term()
+        grads = torch.autograd.grad(value, [t for ab in factors for t in ab])
+    return value.item(), torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
 
 
 def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_loader, eval_loader,
@@ -132,6 +154,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
         # Stage-1 vector cut to the current rank (so elements line up: defect 4).
         factors = [(a, b) for _, a, b, _ in lora_factors(model)]
         w_prev = flatten_factors(stage1_factors, rank) if stage1_factors is not None else None
+        dc_term = _dc_term(cfg.dc_variant, factors, stage1_factors, w_prev, rank, lam_dc)
         skip = start_step if epoch == start_epoch else 0
         sums = _zero_sums(device)
         if skip and saved_sums is not None:
@@ -158,7 +181,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                     sums["order"] += order.detach()
                 if lam_dc:
                     # live vector: the gradient reaches the LoRA weights (defect 1)
-                    dc = domain_correlation_loss(w_prev, flatten_factors(factors), lam_dc)
+                    dc = dc_term()
                     loss = loss + dc
                     sums["dc"] += dc.detach()
                 optimizer.zero_grad(set_to_none=True)
@@ -186,11 +209,13 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                 cos = torch.nn.functional.cosine_similarity(
                     w_prev, flatten_factors(factors), dim=0).item()
         steps = max(sums["steps"], 1)
+        dc_end, dc_grad = _dc_probe(dc_term, factors) if lam_dc else (None, None)
         rows.append({
             "stage": stage, "epoch": epoch, "rank": rank,
             "train_ce": (sums["ce"] / sums["tokens"].clamp(min=1)).item(),
             "train_order": sums["order"].item() / steps, "train_dc": sums["dc"].item() / steps,
             "eval_loss": ev["loss"], "eval_acc": ev["acc"], "cos_to_stage1": cos,
+            "dc_end": dc_end, "dc_grad_norm": dc_grad,
             "trainable_params": count_trainable_params(model),
             "seconds": time.perf_counter() - start,
         })

@@ -99,3 +99,30 @@ def test_paired_bootstrap_ci():
     mean, lo, hi = paired_bootstrap_ci(b, a, seed=1)
     assert mean == pytest.approx(0.7 / 6) and lo < mean < hi and lo > -0.2 and hi < 0.4
     assert paired_bootstrap_ci(b, a, seed=1) == paired_bootstrap_ci(b, a, seed=1)  # same seed, same CI
+
+
+@pytest.mark.parametrize("variant", ["global", "per_module", "delta_w"])
+def test_dc_variants_run_and_their_gradient_norm_is_recorded(tmp_path, variant):
+    from conftest import tiny_config
+    from hybrid_lora.adapters import load_adapter, snapshot_factors
+    from hybrid_lora.train import run_experiment
+
+    cfg = tiny_config(dc_variant=variant, sweep_ranks=())
+    result = run_experiment(cfg, "hybrid", 42, tmp_path, progress=False)
+    rows = result["history"]
+    assert [r["dc_grad_norm"] is None for r in rows] == [True, False, False, False]  # Stage 1: no DC
+    run = tmp_path / "hybrid" / "seed42"
+    stage1 = snapshot_factors(load_adapter(cfg, run / "adapter_stage1"))
+    final = [(a.clone().requires_grad_(), b.clone().requires_grad_())
+             for a, b in snapshot_factors(load_adapter(cfg, run / "adapter_final"))]
+    k = final[0][0].shape[0]
+    cut = [(a[:k], b[:, :k]) for a, b in stage1]
+    term = {"global": lambda: dc_global(final, cut, cfg.lambda_dc),
+            "per_module": lambda: dc_per_module(final, cut, cfg.lambda_dc),
+            "delta_w": lambda: dc_delta_w(final, stage1, cfg.lambda_dc)}[variant]()
+    grads = torch.autograd.grad(term, [t for ab in final for t in ab])
+    norm = math.sqrt(sum(float(g.square().sum()) for g in grads))
+    assert rows[-1]["dc_end"] == pytest.approx(float(term.detach()), rel=1e-4, abs=1e-9)
+    assert rows[-1]["dc_grad_norm"] == pytest.approx(norm, rel=1e-3) and norm > 0
+    lora = run_experiment(cfg, "lora", 42, tmp_path, progress=False)
+    assert all(r["dc_grad_norm"] is None for r in lora["history"])
