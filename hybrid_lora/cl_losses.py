@@ -37,18 +37,18 @@ def olora_penalty(a_new, a_old) -> torch.Tensor:
     return sum((ao @ an.T).square().sum() for an, ao in zip(a_new, a_old))
 
 
-def dc_global(factors, prev, lam: float) -> torch.Tensor:
-    """The paper's DC: lam * (1 - cos) of all A and B flattened into one vector (same ranks)."""
-    cur = torch.cat([t.reshape(-1) for ab in factors for t in ab])
-    old = torch.cat([t.reshape(-1) for ab in prev for t in ab])
-    return lam * (1 - torch.nn.functional.cosine_similarity(cur, old, dim=0))
+def module_vectors(factors) -> list[torch.Tensor]:
+    """Each module's [A, B] as one 1-D vector (A row-major, then B); for a frozen adapter,
+    make these once and pass them to `dc_per_module`."""
+    return [torch.cat([a.reshape(-1), b.reshape(-1)]) for a, b in factors]
 
 
-def dc_per_module(factors, prev, lam: float) -> torch.Tensor:
-    """lam * mean over modules of (1 - cos) of that module's [A, B] vector (same ranks)."""
-    terms = [1 - torch.nn.functional.cosine_similarity(torch.cat([a.reshape(-1), b.reshape(-1)]),
-                                                       torch.cat([a0.reshape(-1), b0.reshape(-1)]), dim=0)
-             for (a, b), (a0, b0) in zip(factors, prev)]
+def dc_per_module(factors, prev_vectors, lam: float) -> torch.Tensor:
+    """lam * mean over modules of (1 - cos) of that module's [A, B] vector against
+    `prev_vectors` (`module_vectors` of the earlier adapter, cut to the same rank).
+    The paper's global DC is `losses.domain_correlation_loss` on the whole flattened vector."""
+    terms = [1 - torch.nn.functional.cosine_similarity(cur, old, dim=0)
+             for cur, old in zip(module_vectors(factors), prev_vectors)]
     return lam * torch.stack(terms).mean()
 
 

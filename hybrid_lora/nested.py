@@ -34,7 +34,7 @@ class NestedStep:
 
     def __init__(self, model, cfg: ExperimentConfig, mask: torch.Tensor):
         r = current_rank(model)
-        self.cfg, self.mask, self.r = cfg, mask, r
+        self.mask = mask
         self.probs = rank_distribution(cfg, r)
         device = mask.device
         ks = torch.arange(1, r + 1)
@@ -47,6 +47,7 @@ class NestedStep:
         self.keep = torch.ones(r, dtype=torch.bool, device=device)
         factors = [(a, b) for _, a, b, _ in lora_factors(model)]
         self.params = [p for ab in factors for p in ab]
+        self.live = [p.detach() for p in self.params]  # views: always the current values
         self.masks = [m for _ in factors for m in (self.keep[:, None], self.keep[None, :])]  # A rows, B cols
         self.before = [p.detach().clone() for p in self.params]
         self.hooks = []
@@ -61,7 +62,7 @@ class NestedStep:
         """Before the forward pass: truncate to rank b; remember the weights."""
         self.mask.copy_(self.forward[b - 1])
         self.keep.copy_(self.update[b - 1])
-        torch._foreach_copy_(self.before, [p.detach() for p in self.params])
+        torch._foreach_copy_(self.before, self.live)
 
     @torch.no_grad()
     def end(self) -> None:

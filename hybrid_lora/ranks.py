@@ -45,13 +45,14 @@ def lora_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (qb @ um).to(a.dtype), s.to(a.dtype), (vmh @ qa.T).to(a.dtype)
 
 
-def svd_truncate_factors(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_truncate_factors(a: torch.Tensor, b: torch.Tensor, k: int, svd=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A' [r, in], B' [out, r]) with B' A' the best rank-k approximation of B A; components
-    k.. are zero, so they fit the same module. Singular values are split evenly (sqrt S)."""
+    k.. are zero, so they fit the same module. Singular values are split evenly (sqrt S).
+    `svd`: `lora_svd(a, b)` if already computed (a sweep cuts one adapter at many ranks)."""
     r = a.shape[0]
     if not 1 <= k <= r:
         raise ValueError(f"k={k}: must be between 1 and the adapter's rank {r}")
-    u, s, vh = lora_svd(a, b)
+    u, s, vh = svd if svd is not None else lora_svd(a, b)
     root = s[:k].sqrt()
     a_new, b_new = torch.zeros_like(a), torch.zeros_like(b)
     a_new[:k] = root[:, None] * vh[:k]   # [k, in]
@@ -84,8 +85,10 @@ def rank_sweep(model: nn.Module, loader, ranks, kind: str = "slice", scaling: st
     approximation of each module's delta W. Returns [{"rank", "loss", "acc"}]."""
     if kind not in ("slice", "svd"):
         raise ValueError(f"kind={kind!r}: must be 'slice' or 'svd'")
-    r = lora_factors(model)[0][1].shape[0]
+    factors = [(a.detach(), b.detach()) for _, a, b, _ in lora_factors(model)]
+    r = factors[0][0].shape[0]
     ranks = sorted(k for k in set(ranks) if k <= r)
+    svds = [lora_svd(a, b) for a, b in factors] if kind == "svd" else None  # once, cut at each k
     points = []
     for k in ranks:
         if kind == "slice":
@@ -94,7 +97,7 @@ def rank_sweep(model: nn.Module, loader, ranks, kind: str = "slice", scaling: st
                 m[:k] = slice_multiplier(model, k, scaling)
                 ev = evaluate_loss_and_token_acc(model, loader, amp_dtype)
         else:
-            cut = [svd_truncate_factors(a.detach(), b.detach(), k) for _, a, b, _ in lora_factors(model)]
+            cut = [svd_truncate_factors(a, b, k, svd) for (a, b), svd in zip(factors, svds)]
             with swapped_factors(model, cut):
                 ev = evaluate_loss_and_token_acc(model, loader, amp_dtype)
         points.append({"rank": k, "loss": ev["loss"], "acc": ev["acc"]})

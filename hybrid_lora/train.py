@@ -24,8 +24,8 @@ from .checkpoint import (checkpoint_position, clear_checkpoints, load_checkpoint
                          save_checkpoint, set_rng_state)
 from .config import RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
 from .data import make_loaders
+from .cl_losses import dc_delta_w, dc_per_module, module_vectors
 from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, model_device
-from .cl_losses import dc_delta_w, dc_per_module
 from .losses import causal_lm_sums, domain_correlation_loss, ordering_penalty
 from .methods import Method, get_method
 from .nested import nested_training
@@ -83,7 +83,7 @@ def _dc_term(variant: str, factors, stage1_factors, w_prev, rank: int, lam: floa
     if variant == "global":  # live vector: the gradient reaches the LoRA weights (defect 1)
         return lambda: domain_correlation_loss(w_prev, flatten_factors(factors), lam)
     if variant == "per_module":
-        prev = [(a[:rank], b[:, :rank]) for a, b in stage1_factors]  # aligned per module
+        prev = module_vectors([(a[:rank], b[:, :rank]) for a, b in stage1_factors])  # once per build
         return lambda: dc_per_module(factors, prev, lam)
     return lambda: dc_delta_w(factors, stage1_factors, lam)  # B A of any rank
 
@@ -104,8 +104,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
 
     Before an epoch whose rank is below the model's, the model is rebuilt at that rank
     (scaling by `method.cut_scaling`) and gets a fresh optimizer. In the method's
-    `nested_stages` each step trains one sampled rank (`nested.py`). The returned model may therefore
-    be a new object: callers must use it. `stage1_factors` ([(A, B)] detached) enables
+    `nested_stages` each step trains one sampled rank (`nested.py`). The returned model may
+    therefore be a new object: callers must use it. `stage1_factors` ([(A, B)] detached) enables
     the DC term (when the method has it in this stage) and the `cos_to_stage1` column.
     `amp_dtype` (from `choose_amp_dtype`) autocasts the forward pass only: the LoRA weights,
     the regularizers and the loss sums stay fp32; fp16 adds a GradScaler.
@@ -180,7 +180,6 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                     loss = loss + order
                     sums["order"] += order.detach()
                 if lam_dc:
-                    # live vector: the gradient reaches the LoRA weights (defect 1)
                     dc = dc_term()
                     loss = loss + dc
                     sums["dc"] += dc.detach()

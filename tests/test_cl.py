@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
-from hybrid_lora.cl_losses import (dc_delta_w, dc_global, dc_per_module, delta_w_l2, ewc_penalty,
+from hybrid_lora.adapters import flatten_factors
+from hybrid_lora.cl_losses import (dc_delta_w, dc_per_module, delta_w_l2, ewc_penalty, module_vectors,
                                    olora_penalty)
+from hybrid_lora.losses import domain_correlation_loss
 from hybrid_lora.results import cl_metrics, paired_bootstrap_ci
 
 
@@ -13,6 +15,16 @@ def factor_pairs(seed, ranks=(3, 2), d_in=7, d_out=5):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(r, d_in, generator=g, dtype=torch.float64),
              torch.randn(d_out, r, generator=g, dtype=torch.float64)) for r in ranks]
+
+
+def dc_global(factors, prev, lam):
+    """The paper's DC as the pipeline computes it (`dc_variant="global"`)."""
+    return domain_correlation_loss(flatten_factors(prev), flatten_factors(factors), lam)
+
+
+def hand_cos_term(x, y, lam):
+    """lam * (1 - x.y / (|x| |y|)) written out, as an independent reference."""
+    return lam * (1 - (x * y).sum() / ((x * x).sum() * (y * y).sum()).sqrt())
 
 
 def reparametrise(factors, seed):
@@ -58,7 +70,7 @@ def test_dc_variants_on_hand_formulas():
     cos = lambda x, y: float(x @ y) / math.sqrt(float(x @ x) * float(y @ y))  # noqa: E731
     assert float(dc_global(cur, prev, 0.1)) == pytest.approx(0.1 * (1 - cos(flat(cur), flat(prev))))
     per = [1 - cos(flat([c]), flat([p])) for c, p in zip(cur, prev)]
-    assert float(dc_per_module(cur, prev, 0.1)) == pytest.approx(0.1 * sum(per) / 2)
+    assert float(dc_per_module(cur, module_vectors(prev), 0.1)) == pytest.approx(0.1 * sum(per) / 2)
     dw = [1 - cos((b @ a).reshape(-1), (b0 @ a0).reshape(-1)) for (a, b), (a0, b0) in zip(cur, prev)]
     assert float(dc_delta_w(cur, prev, 0.1)) == pytest.approx(0.1 * sum(dw) / 2)
     moved = reparametrise(cur, 8)
@@ -117,8 +129,10 @@ def test_dc_variants_run_and_their_gradient_norm_is_recorded(tmp_path, variant):
              for a, b in snapshot_factors(load_adapter(cfg, run / "adapter_final"))]
     k = final[0][0].shape[0]
     cut = [(a[:k], b[:, :k]) for a, b in stage1]
-    term = {"global": lambda: dc_global(final, cut, cfg.lambda_dc),
-            "per_module": lambda: dc_per_module(final, cut, cfg.lambda_dc),
+    flat = lambda f: torch.cat([t.reshape(-1) for ab in f for t in ab])  # noqa: E731
+    term = {"global": lambda: hand_cos_term(flat(final), flat(cut), cfg.lambda_dc),
+            "per_module": lambda: sum(hand_cos_term(flat([f]), flat([c]), cfg.lambda_dc)
+                                      for f, c in zip(final, cut)) / len(final),
             "delta_w": lambda: dc_delta_w(final, stage1, cfg.lambda_dc)}[variant]()
     grads = torch.autograd.grad(term, [t for ab in final for t in ab])
     norm = math.sqrt(sum(float(g.square().sum()) for g in grads))
