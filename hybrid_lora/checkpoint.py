@@ -48,6 +48,16 @@ def save_adapter(model, path: str | Path) -> Path:
     return path
 
 
+def copy_dir(src: str | Path, path: str | Path) -> Path:
+    """Copy the folder `src` to `path` through a temporary folder (atomic like `save_adapter`)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    replace_dir(tmp, path)
+    return path
+
+
 def rng_state() -> dict:
     """Python, NumPy, torch CPU and (if present) every CUDA device's RNG state."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

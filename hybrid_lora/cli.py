@@ -1,4 +1,4 @@
-"""Command line: `python -m hybrid_lora run|plot|sweep-ranks ...` (see --help of each)."""
+"""Command line: `python -m hybrid_lora run|plot|table|sweep-ranks ...` (see --help of each)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import sys
 
 from pathlib import Path
 
-from .config import METHOD_NAMES, PRESETS, SWEEP_KINDS, ExperimentConfig, from_preset
+from .config import METHOD_NAMES, PRESETS, SEQUENCES, SWEEP_KINDS, ExperimentConfig, from_preset
 from .results import format_table, read_json
 
 
@@ -18,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--methods", nargs="+", choices=METHOD_NAMES,
                      help="default: the paper's four (lora dylora dc hybrid)")
     run.add_argument("--seeds", nargs="+", type=int, help="default: the preset's seeds")
+    run.add_argument("--sequence", choices=tuple(SEQUENCES),
+                     help="a shipped domain sequence (or --set domains=a,b,c for any other)")
+    run.add_argument("--lambdas", nargs="+", default=[], metavar="METHOD=L1,L2,...",
+                     help="lambda sweeps after the methods, e.g. --lambdas dc=0.1,1,10 l2=0.01,0.1,1; "
+                          "runs go to <out>/<method>_lam<value>/")
     run.add_argument("--data-dir", help="read <DIR>/<domain>.jsonl instead of the hub / built-in corpus")
     run.add_argument("--model", help="base model: hub name or local folder")
     run.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -27,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="redraw every figure of a results folder (no training, no GPU)")
     plot.add_argument("--results", required=True, help="a folder written by `run`")
     plot.add_argument("--images", required=True, help="where to write the PNG files")
+    plot.add_argument("--only", nargs="+", default=[], metavar="PREFIX",
+                      help="only figures whose file name starts with PREFIX, e.g. --only pareto")
+    table = sub.add_parser("table", help="continual-learning table of a results folder: mean, s.d., "
+                                         "bootstrap CIs against sequential LoRA; writes cl_table.csv")
+    table.add_argument("--results", required=True, help="a folder written by `run`")
+    table.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     sweep = sub.add_parser("sweep-ranks", help="evaluate a run's saved adapters cut to each rank "
                                               "(no training); merges into <run>/sweep.json")
     sweep.add_argument("--run", required=True, help="a run folder, <out>/<method>/seed<k>")
@@ -73,8 +84,8 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The preset, then --data-dir / --model / --methods / --seeds, then --set overrides."""
-    cfg = from_preset(args.preset, data_dir=args.data_dir, model_name=args.model,
-                      methods=args.methods, seeds=args.seeds)
+    cfg = from_preset(args.preset, data_dir=args.data_dir, sequence=args.sequence,
+                      model_name=args.model, methods=args.methods, seeds=args.seeds)
     overrides = {}
     for item in args.set:
         if "=" not in item:
@@ -84,24 +95,59 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return cfg.with_overrides(overrides)
 
 
+def parse_lambdas(items: list[str]) -> dict[str, tuple[float, ...]]:
+    """["dc=0.1,1", "l2=0.01"] -> {"dc": (0.1, 1.0), "l2": (0.01,)}; ValueError naming a bad item."""
+    out = {}
+    for item in items:
+        method, sep, values = item.partition("=")
+        if not sep or method not in METHOD_NAMES:
+            raise ValueError(f"--lambdas {item!r}: expected METHOD=L1,L2,... with a method of {METHOD_NAMES}")
+        try:
+            out[method] = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--lambdas {item!r}: {values!r} is not a list of numbers") from None
+    return out
+
+
+def table_command(args: argparse.Namespace) -> int:
+    """`table`: print the continual-learning table and write it to <results>/cl_table.csv."""
+    import pandas as pd
+
+    from .cl_results import cl_table
+    from .results import write_text_atomic
+
+    table = cl_table(args.results, n_boot=args.n_boot)
+    cols = ["method", "lambda", "n_seeds", "delta_loss_first", "delta_loss_first_sd", "new_gain",
+            "new_gain_sd", "avg_final_acc", "bwt", "plasticity_new", "d_forget", "d_forget_lo",
+            "d_forget_hi", "forgets_less"]
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
+        print(table[cols])
+    path = write_text_atomic(Path(args.results) / "cl_table.csv", lambda f: table.to_csv(f))
+    print(f"written: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "sweep-ranks":
         return sweep_command(args)
+    if args.command == "table":
+        return table_command(args)
     if args.command == "plot":
         from .plots import plot_all
 
-        for path in plot_all(args.results, args.images):
+        for path in plot_all(args.results, args.images, only=tuple(args.only)):
             print(path)
         return 0
     try:
         cfg = config_from_args(args)
+        lambdas = parse_lambdas(args.lambdas)
     except ValueError as err:
         parser.error(str(err))
     from .train import run_all  # heavy imports only once the arguments are good
 
-    rows = run_all(cfg, args.out, progress=not args.no_progress)
+    rows = run_all(cfg, args.out, progress=not args.no_progress, lambdas=lambdas)
     print(format_table(rows))
     print(f"results: {args.out}/<method>/seed<k>/ ; summary: {args.out}/summary.csv")
     return 0

@@ -12,15 +12,27 @@ import typing
 from dataclasses import dataclass, field
 
 PAPER_METHODS = ("lora", "dylora", "dc", "hybrid")
+# continual-learning baselines ("lora" is sequential LoRA, the lower bound)
+CL_METHODS = ("single", "joint", "replay", "l2", "ewc", "freeze_add", "olora")
 # + true DyLoRA (nested-dropout) training, and plain LoRA trained at the final rank
-METHOD_NAMES = PAPER_METHODS + ("dylora_nested", "hybrid_nested", "lora_small")
+METHOD_NAMES = PAPER_METHODS + ("dylora_nested", "hybrid_nested", "lora_small") + CL_METHODS
 DYLORA_DISTRIBUTIONS = ("uniform", "geometric")
 SWEEP_KINDS = ("slice", "svd")
 DATA_SOURCES = ("hub", "local", "builtin")
-BUILTIN_DOMAINS = ("imdb", "yelp")
+BUILTIN_DOMAINS = ("imdb", "yelp", "code")
 HUB_DOMAINS = {  # domain -> (dataset name, train split, eval split, text column)
     "imdb": ("imdb", "train", "test", "text"),
     "yelp": ("yelp_polarity", "train", "test", "text"),
+    "code": ("codeparrot/codeparrot-clean-valid", "train", None, "content"),  # eval: held out of train
+}
+# Any other hub text dataset is a domain written "<dataset>[@<config>]:<text column>",
+# e.g. "ag_news:text" or "wikitext@wikitext-2-raw-v1:text" (see data.hub_source).
+# The shipped domain sequences (`ExperimentConfig.forgetting(sequence=...)`, CLI --sequence).
+SEQUENCES = {
+    "imdb-yelp": ("imdb", "yelp"),        # the paper's pair: similar domains, the control
+    "imdb-code": ("imdb", "code"),        # prose -> Python source: forgets
+    "code-imdb": ("code", "imdb"),
+    "imdb-code-yelp": ("imdb", "code", "yelp"),
 }
 TINY_MODEL = "tiny-random-gpt2"  # built from GPT2Config, no download
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -29,15 +41,20 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 # Fields that do not change a run's numbers: a run may resume (or be skipped as complete)
 # under a config that differs from its saved config.json only in these.
 RUN_INDEPENDENT_FIELDS = ("methods", "seeds", "checkpoint_every", "keep_checkpoints")
-# Fields that only Stage 2 reads: they may change between a Stage-1-only call and Stage 2.
-STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "rebuild_scaling")
+RUN_INDEPENDENT_FIELDS += ("share_stage1",)
+# Fields that only stages 2, 3, ... read: they may change between a Stage-1-only call and
+# Stage 2, and runs that differ only in them share one Stage 1 (`share_stage1`).
+STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "rebuild_scaling",
+                 "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "ewc_samples",
+                 "sweep_ranks", "sweep_kinds")
 DC_VARIANTS = ("global", "per_module", "delta_w")
-PRESETS = ("paper", "smoke")
+PRESETS = ("paper", "smoke", "forgetting")
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Every setting of a two-stage run. Field names follow the paper and PEFT."""
+    """Every setting of a run over a sequence of domains (Stage 1, 2, ...). Field names
+    follow the paper and PEFT."""
 
     # base model: a hub name, a local folder, or TINY_MODEL (random GPT-2 from GPT2Config)
     model_name: str = "gpt2"
@@ -51,7 +68,7 @@ class ExperimentConfig:
     lora_dropout: float = 0.05
     target_modules: tuple[str, ...] = ("c_attn",)
     # data
-    domains: tuple[str, ...] = ("imdb", "yelp")  # Stage 1 domain, Stage 2 domain
+    domains: tuple[str, ...] = ("imdb", "yelp")  # one per stage: Stage 1, Stage 2, ...
     data_source: str = "hub"  # "hub" (HF datasets), "local" (<data_dir>/<domain>.jsonl), "builtin"
     data_dir: str | None = None
     n_train: int = 3000
@@ -61,14 +78,21 @@ class ExperimentConfig:
     batch_size: int = 8
     # optimisation
     epochs_stage1: int = 3
-    epochs_stage2: int = 3
+    epochs_stage2: int = 3  # epochs of every stage after the first
     lr: float = 5e-5
     weight_decay: float = 0.01  # torch.optim.AdamW's default
     lambda_order: float = 1e-4
     lambda_dc: float = 0.1
     dc_variant: str = "global"  # paper: cosine of all A, B flattened; "per_module"; "delta_w" (of B A)
-    rank_schedule: tuple[int, ...] = (64, 32, 16)  # Stage-2 rank of each epoch
+    rank_schedule: tuple[int, ...] = (64, 32, 16)  # Stage-2 rank of each epoch; later stages keep the last
     rebuild_scaling: str = "preserve"  # "preserve" or "peft" (the original's alpha/r drift)
+    # continual-learning baselines (methods l2, ewc, olora, replay); lambdas as in each paper's loss
+    lambda_l2: float = 0.1      # sum over modules ||dW - dW_prev||_F^2
+    lambda_ewc: float = 1e4     # sum F (theta - theta_prev)^2, F the mean per-sequence squared gradient
+    lambda_olora: float = 0.5   # sum over modules ||A_old A_new^T||_F^2
+    replay_fraction: float = 0.02  # replay: this share of each earlier domain's n_train joins the stage
+    ewc_samples: int = 200      # earlier-domain training sequences the diagonal Fisher is averaged over
+    share_stage1: bool = True   # reuse an identical Stage 1 of another run in the same output folder
     # true DyLoRA training (methods *_nested): each step one rank b ~ p_B on [dylora_r_min, r]
     dylora_r_min: int = 1
     dylora_distribution: str = "uniform"  # or "geometric": p_B(b) ~ p (1 - p)^(b - r_min)
@@ -111,6 +135,19 @@ class ExperimentConfig:
             epochs_stage1=2, epochs_stage2=3, lr=5e-3, seeds=(42,), device="cpu",
         )
 
+    @classmethod
+    def forgetting(cls, sequence: str = "imdb-code") -> "ExperimentConfig":
+        """The continual-learning study: a shipped domain `sequence` (SEQUENCES), sequential
+        LoRA, the paper's DC and the baselines, one fixed rank, no rank schedule or sweep.
+        Set `model_name` (e.g. "gpt2", or the small offline base) and the data source."""
+        if sequence not in SEQUENCES:
+            raise ValueError(f"sequence={sequence!r}: must be one of {tuple(SEQUENCES)}")
+        return cls(
+            domains=SEQUENCES[sequence], r=16, lora_alpha=32.0, rank_schedule=(16,),
+            epochs_stage1=1, epochs_stage2=1, n_train=500, n_eval=200, lr=1e-3,
+            methods=("lora", "dc") + CL_METHODS, sweep_ranks=(), sweep_kinds=(),
+        )
+
     # ------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise ValueError naming the field and the bad value."""
@@ -122,7 +159,7 @@ class ExperimentConfig:
                      "tiny_n_layer", "tiny_n_embd", "tiny_n_head"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
-        for name in ("epochs_stage1", "epochs_stage2", "checkpoint_every"):
+        for name in ("epochs_stage1", "epochs_stage2", "checkpoint_every", "ewc_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be a non-negative integer")
         if self.lora_alpha <= 0:
@@ -131,7 +168,9 @@ class ExperimentConfig:
             raise bad("lora_dropout", "must be in [0, 1)")
         if self.lr <= 0:
             raise bad("lr", "must be positive")
-        for name in ("lambda_order", "lambda_dc", "weight_decay"):
+        if not 0.0 <= self.replay_fraction <= 1.0:
+            raise bad("replay_fraction", "must be in [0, 1]")
+        for name in ("lambda_order", "lambda_dc", "weight_decay", "lambda_l2", "lambda_ewc", "lambda_olora"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
         if not self.target_modules:
@@ -159,17 +198,19 @@ class ExperimentConfig:
             raise bad("data_source", f"must be one of {DATA_SOURCES}")
         if self.data_source == "local" and not self.data_dir:
             raise bad("data_dir", "data_source='local' needs a data_dir")
-        if len(self.domains) != 2:
-            raise bad("domains", "give exactly two domains: Stage 1, then Stage 2")
+        if len(self.domains) < 2:
+            raise bad("domains", "give two or more domains: Stage 1, Stage 2, ...")
         if len(set(self.domains)) != len(self.domains):
-            raise bad("domains", "the two stages need different domains")
-        known = {"hub": tuple(HUB_DOMAINS), "builtin": BUILTIN_DOMAINS}.get(self.data_source)
+            raise bad("domains", "every stage needs a different domain")
         for d in self.domains:
-            if known is not None and d not in known:
-                raise bad("domains", f"unknown {self.data_source} domain {d!r}; known: {known}")
+            if self.data_source == "builtin" and d not in BUILTIN_DOMAINS:
+                raise bad("domains", f"unknown builtin domain {d!r}; known: {BUILTIN_DOMAINS}")
+            if self.data_source == "hub" and d not in HUB_DOMAINS and ":" not in d:
+                raise bad("domains", f"unknown hub domain {d!r}: use one of {tuple(HUB_DOMAINS)} "
+                          "or '<dataset>[@<config>]:<text column>'")
         if self.device not in DEVICES:
             raise bad("device", f"must be one of {DEVICES}")
-        for name in ("keep_checkpoints", "dylora_frozen"):
+        for name in ("keep_checkpoints", "dylora_frozen", "share_stage1"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
         if not isinstance(self.dylora_r_min, int) or not 1 <= self.dylora_r_min <= min(self.rank_schedule):
@@ -211,15 +252,25 @@ class ExperimentConfig:
         return dataclasses.replace(self, **changes)
 
 
-def from_preset(preset: str = "paper", data_dir: str | None = None, **changes) -> ExperimentConfig:
+def from_preset(preset: str = "paper", data_dir: str | None = None, sequence: str | None = None,
+                **changes) -> ExperimentConfig:
     """The preset named `preset` with `changes`; a change whose value is None keeps the
-    preset's value. A `data_dir` also switches `data_source` to "local"."""
+    preset's value. A `data_dir` also switches `data_source` to "local". `sequence` (a key
+    of SEQUENCES) selects the forgetting preset's domains; for the others it sets `domains`."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: must be one of {PRESETS}")
+    if sequence is not None and sequence not in SEQUENCES:
+        raise ValueError(f"sequence={sequence!r}: must be one of {tuple(SEQUENCES)}")
     changes = {k: v for k, v in changes.items() if v is not None}
     if data_dir is not None:
         changes.update(data_source="local", data_dir=str(data_dir))
-    return dataclasses.replace(getattr(ExperimentConfig, preset)(), **changes)
+    if preset == "forgetting":
+        base = ExperimentConfig.forgetting(sequence or "imdb-code")
+    else:
+        base = getattr(ExperimentConfig, preset)()
+        if sequence is not None:
+            changes.setdefault("domains", SEQUENCES[sequence])
+    return dataclasses.replace(base, **changes)
 
 
 def _coerce(name: str, text: str, hint) -> object:

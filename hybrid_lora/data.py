@@ -1,9 +1,13 @@
 """Domains by name -> texts -> fixed-length tokenized tensors -> DataLoaders.
 
 Sources (`cfg.data_source`):
-- "hub": Hugging Face datasets (`imdb`, `yelp_polarity`), shuffled with `data_seed`.
+- "hub": Hugging Face datasets (`HUB_DOMAINS`, or any "<dataset>[@<config>]:<column>"),
+  shuffled with `data_seed`.
 - "local": `<data_dir>/<domain>.jsonl`, rows `{"text": str, "split": "train"|"test", ...}`.
-- "builtin": a small two-domain corpus generated here from a seeded RNG (no files, no network).
+- "builtin": a small three-domain corpus generated here from a seeded RNG (no files, no network).
+
+`stage_train_set` builds what a stage trains on: the current domain, plus a replay buffer of
+earlier domains, or the union of all domains so far (joint training).
 
 Labels are the input ids with padding positions, found from the attention mask
 (not from the token id, since pad = eos), set to -100.
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Sampler, Subset, TensorDataset
 
 from .config import HUB_DOMAINS, ExperimentConfig
 
@@ -57,14 +61,38 @@ def _local_texts(cfg: ExperimentConfig, domain: str) -> tuple[list[str], list[st
             _take(splits["test"], cfg.n_eval, cfg.data_seed, f"{path} test"))
 
 
+def hub_source(domain: str) -> tuple[str, str | None, str, str | None, str]:
+    """(dataset, config or None, train split, eval split or None, text column) of a hub domain:
+    a HUB_DOMAINS name, or "<dataset>[@<config>]:<column>" (splits "train" and "test"; with no
+    "test" split the evaluation texts are held out of the shuffled train split)."""
+    if domain in HUB_DOMAINS:
+        name, train_split, eval_split, column = HUB_DOMAINS[domain]
+        return name, None, train_split, eval_split, column
+    dataset, sep, column = domain.rpartition(":")
+    if not sep or not dataset or not column:
+        raise ValueError(f"hub domain {domain!r}: write '<dataset>[@<config>]:<text column>'")
+    name, _, config = dataset.partition("@")
+    return name, config or None, "train", "test", column
+
+
 def _hub_texts(cfg: ExperimentConfig, domain: str) -> tuple[list[str], list[str]]:
     from datasets import load_dataset  # imported here: only the hub path needs it
 
-    name, train_split, eval_split, column = HUB_DOMAINS[domain]
-    ds = load_dataset(name)
+    name, config, train_split, eval_split, column = hub_source(domain)
+    ds = load_dataset(name, config)
+    if column not in ds[train_split].column_names:
+        raise ValueError(f"hub domain {domain!r}: no column {column!r}; "
+                         f"columns: {ds[train_split].column_names}")
+    train = ds[train_split].shuffle(seed=cfg.data_seed)
+    if eval_split is None or eval_split not in ds:  # hold the eval texts out of train
+        need = cfg.n_train + cfg.n_eval
+        if len(train) < need:
+            raise ValueError(f"hub dataset {name!r}/{train_split}: asked for {need}, has {len(train)}")
+        return (list(train.select(range(cfg.n_train))[column]),
+                list(train.select(range(len(train) - cfg.n_eval, len(train)))[column]))
     out = []
-    for split, n in ((train_split, cfg.n_train), (eval_split, cfg.n_eval)):
-        part = ds[split].shuffle(seed=cfg.data_seed)
+    for part, split, n in ((train, train_split, cfg.n_train),
+                           (ds[eval_split].shuffle(seed=cfg.data_seed), eval_split, cfg.n_eval)):
         if len(part) < n:
             raise ValueError(f"hub dataset {name!r}/{split}: asked for {n}, has {len(part)}")
         out.append(list(part.select(range(n))[column]))
@@ -89,11 +117,25 @@ _ENDINGS = {
 }
 
 
+_NAMES = ["x", "y", "total", "count", "items", "value", "key", "row", "name", "data"]
+_CALLS = ["len", "sum", "max", "min", "sorted", "str", "int", "abs"]
+
+
 def _builtin_texts(domain: str, n_train: int, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
-    """Templated reviews: movies for 'imdb', restaurants for 'yelp'; seeded, so reproducible."""
+    """Templated reviews (movies for 'imdb', restaurants for 'yelp') or small Python
+    functions ('code'); seeded, so reproducible."""
     rng = random.Random(f"{domain}-{seed}")
 
+    def function() -> str:
+        args = rng.sample(_NAMES, 2)
+        body = [f"    {rng.choice(_NAMES)} = {rng.choice(_CALLS)}({rng.choice(args)})"
+                for _ in range(rng.randint(1, 3))]
+        return "\n".join([f"def {rng.choice(_NAMES)}_{rng.randint(0, 9)}({', '.join(args)}):"]
+                         + body + [f"    return {rng.choice(args)}"])
+
     def review() -> str:
+        if domain == "code":
+            return function()
         sentences = [f"{rng.choice(_SUBJECTS[domain]).capitalize()} {rng.choice(_VERBS[domain])} "
                      f"{rng.choice(_ADJECTIVES)}." for _ in range(rng.randint(2, 5))]
         return " ".join(sentences + [rng.choice(_ENDINGS[domain])])
@@ -120,33 +162,64 @@ class EpochSampler(Sampler[int]):
     Call `set_epoch(stage, epoch, skip)` before iterating; `skip` indices are left out.
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
+    def __init__(self, n: int, seed: int, length: int | None = None):
+        if length is not None and not 1 <= length <= n:
+            raise ValueError(f"length={length}: must be between 1 and the dataset size {n}")
+        self.n, self.seed, self.length = n, seed, n if length is None else length
         self.stage, self.epoch, self.skip = 0, 0, 0
 
     def set_epoch(self, stage: int, epoch: int, skip: int = 0) -> None:
-        if not 0 <= skip <= self.n:
-            raise ValueError(f"skip={skip}: must be between 0 and the dataset size {self.n}")
+        if not 0 <= skip <= self.length:
+            raise ValueError(f"skip={skip}: must be between 0 and the epoch length {self.length}")
         self.stage, self.epoch, self.skip = stage, epoch, skip
 
     def permutation(self) -> torch.Tensor:
+        """This epoch's first `length` indices of a permutation of range(n)."""
         key = np.random.SeedSequence([self.seed, self.stage, self.epoch]).generate_state(1)[0]
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(int(key)))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(int(key)))[:self.length]
 
     def __iter__(self):
         return iter(self.permutation()[self.skip:].tolist())
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return self.length - self.skip
+
+
+def train_loader(cfg: ExperimentConfig, dataset, seed: int, length: int | None = None) -> DataLoader:
+    """A loader over an `EpochSampler(len(dataset), seed, length)`."""
+    # The loader's own generator: creating an iterator must not draw from the global RNG,
+    # which also drives LoRA dropout (a resumed run restores that RNG and must match).
+    return DataLoader(dataset, batch_size=cfg.batch_size,
+                      sampler=EpochSampler(len(dataset), seed, length), generator=torch.Generator())
 
 
 def make_loaders(cfg: ExperimentConfig, tokenizer, domain: str, seed: int) -> tuple[DataLoader, DataLoader]:
     """(train loader over an `EpochSampler` seeded with `seed`, eval loader in fixed order)."""
     train_texts, eval_texts = load_texts(cfg, domain)
-    train_set = tokenize(train_texts, tokenizer, cfg.max_length)
-    # The loader's own generator: creating an iterator must not draw from the global RNG,
-    # which also drives LoRA dropout (a resumed run restores that RNG and must match).
-    train = DataLoader(train_set, batch_size=cfg.batch_size,
-                       sampler=EpochSampler(len(train_set), seed), generator=torch.Generator())
+    train = train_loader(cfg, tokenize(train_texts, tokenizer, cfg.max_length), seed)
     evals = DataLoader(tokenize(eval_texts, tokenizer, cfg.max_length), batch_size=cfg.batch_size)
     return train, evals
+
+
+def replay_indices(n: int, k: int, data_seed: int, domain: str) -> list[int]:
+    """The replay buffer of an earlier domain: k of its n training indices, fixed by data_seed."""
+    return sorted(random.Random(f"replay-{domain}-{data_seed}").sample(range(n), k))
+
+
+def stage_train_set(cfg: ExperimentConfig, train_sets: list, stage: int, data: str):
+    """(dataset, epoch length or None) that stage `stage` (1-based) trains on, given each
+    domain's training set: "current" its own domain; "replay" also a buffer of
+    round(replay_fraction * n) samples of every earlier domain (the epoch grows by the buffer);
+    "joint" the union of domains 1..stage with epochs of one domain's length (the same
+    number of steps as the other methods)."""
+    current = train_sets[stage - 1]
+    if data == "current" or stage == 1:
+        return current, None
+    earlier = list(zip(cfg.domains[:stage - 1], train_sets[:stage - 1]))
+    if data == "replay":
+        buffers = [Subset(ds, replay_indices(len(ds), k, cfg.data_seed, d)) for d, ds in earlier
+                   if (k := round(cfg.replay_fraction * len(ds))) > 0]
+        return ConcatDataset([current] + buffers), None
+    if data == "joint":
+        return ConcatDataset([ds for _, ds in earlier] + [current]), len(current)
+    raise ValueError(f"data={data!r}: must be 'current', 'replay' or 'joint'")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .data import IGNORE_INDEX
 from .losses import causal_lm_sums
 
 
@@ -35,9 +36,22 @@ def autocast(device: torch.device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
+def sequence_sums(logits: torch.Tensor, labels: torch.Tensor):
+    """Per sequence (CE sum in nats [B] fp64, labelled tokens [B], argmax hits [B]); same shift
+    and ignore rule as `causal_lm_sums`."""
+    logits, labels = logits[:, :-1, :], labels[:, 1:]  # [B, T-1, V], [B, T-1]
+    mask = labels != IGNORE_INDEX
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels,
+                                           ignore_index=IGNORE_INDEX, reduction="none")  # [B, T-1]
+    return ce.double().sum(1), mask.sum(1), ((logits.argmax(-1) == labels) & mask).sum(1)
+
+
 @torch.no_grad()
-def evaluate_loss_and_token_acc(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = None) -> dict:
+def evaluate_loss_and_token_acc(model: torch.nn.Module, loader, amp_dtype: torch.dtype | None = None,
+                                per_sequence: bool = False) -> dict:
     """{"loss": mean CE per labelled token (nats), "acc": argmax accuracy, "tokens": count}.
+    `per_sequence=True` adds "seq": {"nll", "tokens", "hits"}, lists with one entry per
+    evaluation sequence in loader order (for bootstrap intervals over sequences).
 
     Every labelled token weighs the same, whatever batch it is in and however much
     padding that batch has (the original averaged per-batch means: defect 6). Runs in
@@ -50,6 +64,7 @@ def evaluate_loss_and_token_acc(model: torch.nn.Module, loader, amp_dtype: torch
     ce = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
     hits = torch.zeros((), dtype=torch.long, device=device)
+    seq = []
     for input_ids, attention_mask, labels in loader:
         input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
                                              for t in (input_ids, attention_mask, labels))
@@ -59,8 +74,14 @@ def evaluate_loss_and_token_acc(model: torch.nn.Module, loader, amp_dtype: torch
         ce += c.double()  # accumulate on device: no host sync per batch
         tokens += n
         hits += h
+        if per_sequence:
+            seq.append(sequence_sums(logits, labels))
     model.train(was_training)
     n_tok = int(tokens.item())
     if n_tok == 0:
         raise ValueError("evaluation loader has no labelled tokens")
-    return {"loss": ce.item() / n_tok, "acc": hits.item() / n_tok, "tokens": n_tok}
+    out = {"loss": ce.item() / n_tok, "acc": hits.item() / n_tok, "tokens": n_tok}
+    if per_sequence:
+        nll, n, h = (torch.cat(parts).tolist() for parts in zip(*seq))
+        out["seq"] = {"nll": nll, "tokens": n, "hits": h}
+    return out

@@ -1,7 +1,8 @@
-"""The method table: each method is data (which loss terms in which stage, rank schedule or not).
+"""The method table: each method is data (which loss terms, which data, which adapter set-up).
 
 The training loop has one code path; methods differ only by these fields (defect 5 of the
-original: the ordering term must be off in both stages for plain `lora`).
+original: the ordering term must be off in every stage for plain `lora`). Stage 1 trains on
+the first domain; every later stage t >= 2 on domain t, against the adapter after stage t - 1.
 """
 from __future__ import annotations
 
@@ -9,30 +10,47 @@ from dataclasses import dataclass
 
 from .config import METHOD_NAMES, ExperimentConfig
 
+PENALTIES = ("l2", "ewc", "olora")
+LAMBDA_FIELDS = {"dc": "lambda_dc", "l2": "lambda_l2", "ewc": "lambda_ewc", "olora": "lambda_olora"}
+
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    order_stages: tuple[int, ...]  # stages (1, 2) in which the ordering regularizer is on
-    dc_stages: tuple[int, ...]     # stages in which the domain-correlation loss is on
-    rank_schedule: bool            # Stage 2 follows cfg.rank_schedule (rebuild each epoch)
+    order: bool          # ordering regularizer in every stage
+    dc: bool             # domain-correlation loss in every stage after the first
+    rank_schedule: bool  # Stage 2 follows cfg.rank_schedule (rebuild each epoch)
     description: str
-    nested_stages: tuple[int, ...] = ()  # stages trained with DyLoRA's sampled rank b per step
-    small: bool = False            # train at the schedule's last rank instead of cfg.r
+    nested: bool = False  # every stage trained with DyLoRA's sampled rank b per step
+    small: bool = False   # train at the schedule's last rank instead of cfg.r
+    penalty: str | None = None  # "l2" | "ewc" | "olora" in every stage after the first
+    data: str = "current"       # "current" | "replay" | "joint" (data.stage_train_set)
+    adapter: str = "continue"   # "continue" the adapter; "add": merge it into the base and add a
+    #                             new one each stage (freeze-and-add); "reset": a new one each
+    #                             stage from the base alone (each domain trained on its own)
 
     def lambdas(self, cfg: ExperimentConfig, stage: int) -> tuple[float, float]:
         """(lambda_order, lambda_dc) in force in `stage`; 0.0 where the term is off."""
-        return (cfg.lambda_order if stage in self.order_stages else 0.0,
-                cfg.lambda_dc if stage in self.dc_stages else 0.0)
+        return (cfg.lambda_order if self.order else 0.0,
+                cfg.lambda_dc if self.dc and stage > 1 else 0.0)
+
+    def penalty_lambda(self, cfg: ExperimentConfig, stage: int) -> float:
+        """The weight of this method's continual-learning penalty in `stage` (0.0 if none)."""
+        return getattr(cfg, LAMBDA_FIELDS[self.penalty]) if self.penalty and stage > 1 else 0.0
+
+    def regularizer(self) -> str | None:
+        """The name of the one lambda-weighted term a lambda sweep varies ("dc", "l2", ...)."""
+        return "dc" if self.dc and not self.order else self.penalty
 
     def train_rank(self, cfg: ExperimentConfig) -> int:
         """The LoRA rank the run starts with."""
         return cfg.rank_schedule[-1] if self.small else cfg.r
 
     def stage_ranks(self, cfg: ExperimentConfig, stage: int) -> tuple[int, ...]:
-        """The LoRA rank of each epoch of `stage`."""
-        if stage == 2 and self.rank_schedule:
-            return cfg.rank_schedule
+        """The LoRA rank of each epoch of `stage`; after Stage 2 a scheduled method stays at
+        the schedule's last rank."""
+        if stage >= 2 and self.rank_schedule:
+            return cfg.rank_schedule if stage == 2 else (cfg.rank_schedule[-1],) * cfg.epochs_stage2
         return (self.train_rank(cfg),) * (cfg.epochs_stage1 if stage == 1 else cfg.epochs_stage2)
 
     def stage2_ranks(self, cfg: ExperimentConfig) -> tuple[int, ...]:
@@ -46,22 +64,42 @@ class Method:
         ("dylora"; `rebuild_model_for_new_rank` calls it "peft"); the others keep each
         kept component's contribution ("preserve") unless cfg.rebuild_scaling says "peft".
         """
-        if self.nested_stages:
+        if self.nested:
             return "dylora"
         return "dylora" if cfg.rebuild_scaling == "peft" else "preserve"
 
+    def stage1_signature(self) -> tuple:
+        """What of the method Stage 1 depends on: equal signatures (and configs) train the
+        same Stage 1, so one run can reuse another's (`share_stage1`)."""
+        return (self.order, self.nested, self.small)
+
 
 METHODS = {m.name: m for m in (
-    Method("lora", (), (), False, "plain LoRA: cross-entropy only, fixed rank"),
-    Method("dylora", (1, 2), (), True, "CE + ordering regularizer; Stage-2 rank schedule"),
-    Method("dc", (), (2,), False, "CE + domain-correlation loss in Stage 2; fixed rank"),
-    Method("hybrid", (1, 2), (2,), True, "CE + ordering + DC in Stage 2; Stage-2 rank schedule"),
-    Method("dylora_nested", (), (), True, "true DyLoRA: CE at a sampled rank b per step (alpha/b), "
-           "instead of the ordering term; Stage-2 rank schedule", nested_stages=(1, 2)),
-    Method("hybrid_nested", (1, 2), (2,), True, "hybrid with DyLoRA's sampled-rank training added "
-           "to the ordering term and DC", nested_stages=(1, 2)),
-    Method("lora_small", (), (), False, "plain LoRA trained directly at the schedule's last rank "
-           "(16 in the paper), lora_alpha unchanged", small=True),
+    Method("lora", False, False, False, "sequential LoRA: cross-entropy only, fixed rank "
+           "(the continual-learning lower bound)"),
+    Method("dylora", True, False, True, "CE + ordering regularizer; Stage-2 rank schedule"),
+    Method("dc", False, True, False, "CE + the paper's domain-correlation loss after Stage 1; fixed rank"),
+    Method("hybrid", True, True, True, "CE + ordering + DC after Stage 1; Stage-2 rank schedule"),
+    Method("dylora_nested", False, False, True, "true DyLoRA: CE at a sampled rank b per step "
+           "(alpha/b), instead of the ordering term; Stage-2 rank schedule", nested=True),
+    Method("hybrid_nested", True, True, True, "hybrid with DyLoRA's sampled-rank training added "
+           "to the ordering term and DC", nested=True),
+    Method("lora_small", False, False, False, "plain LoRA trained directly at the schedule's last "
+           "rank (16 in the paper), lora_alpha unchanged", small=True),
+    Method("single", False, False, False, "each domain trained alone: a new adapter from the base "
+           "model every stage (the reference for plasticity)", adapter="reset"),
+    Method("joint", False, False, False, "stage t trains on the union of domains 1..t, same "
+           "number of steps (the upper bound)", data="joint"),
+    Method("replay", False, False, False, "sequential LoRA plus a replay buffer of "
+           "replay_fraction of every earlier domain", data="replay"),
+    Method("l2", False, False, False, "CE + lambda_l2 * sum ||dW - dW_prev||_F^2 on each module's "
+           "dW = s B A", penalty="l2"),
+    Method("ewc", False, False, False, "CE + lambda_ewc * sum F (theta - theta_prev)^2, diagonal "
+           "Fisher F on the earlier domains", penalty="ewc"),
+    Method("freeze_add", False, False, False, "earlier adapters merged into the frozen base; a new "
+           "adapter per stage", adapter="add"),
+    Method("olora", False, False, False, "freeze-and-add + lambda_olora * sum ||A_old A_new^T||_F^2 "
+           "(O-LoRA)", penalty="olora", adapter="add"),
 )}
 assert tuple(METHODS) == METHOD_NAMES, "config.METHOD_NAMES and the method table disagree"
 

@@ -16,18 +16,19 @@ STAGE_COLUMNS = (("A_after_stage1", "A after Stage 1"), ("A_after_stage2", "A af
 
 
 def plot_stage_history(history, method: str, seed: int):
-    """Loss (left) and accuracy (right) per epoch of one run, both stages; rank changes marked."""
-    run = history[(history["method"] == method) & (history["seed"] == seed)].sort_values("step")
+    """Loss (left) and accuracy (right) per epoch of one run (`method`: its run name, e.g.
+    "dc" or "dc_lam1"), all stages; rank changes marked."""
+    run = history[(history["run"] == method) & (history["seed"] == seed)].sort_values("step")
     if run.empty:
-        raise ValueError(f"no history rows for method={method!r} seed={seed}")
+        raise ValueError(f"no history rows for run={method!r} seed={seed}")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     ax_loss.plot(run["step"], run["train_ce"], "o-", label="train CE")
     ax_loss.plot(run["step"], run["eval_loss"], "s-", label="eval loss (current domain)")
     ax_acc.plot(run["step"], run["eval_acc"], "^-", color="tab:green", label="eval token accuracy")
-    stage2 = run[run["stage"] == 2]
     for ax in (ax_loss, ax_acc):
-        if not stage2.empty:
-            ax.axvline(stage2["step"].iloc[0] - 0.5, color="grey", ls="--", lw=1, label="start of Stage 2")
+        for stage in sorted(run["stage"].unique())[1:]:
+            ax.axvline(run.loc[run["stage"] == stage, "step"].iloc[0] - 0.5, color="grey", ls="--", lw=1,
+                       label="start of a new stage" if stage == 2 else None)
         prev = None
         for step, rank in zip(run["step"], run["rank"]):
             if rank != prev:
@@ -35,7 +36,7 @@ def plot_stage_history(history, method: str, seed: int):
                             xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
                             fontsize=8, color="tab:red")
             prev = rank
-        ax.set_xlabel("epoch (Stage 1, then Stage 2)" if not stage2.empty else "Stage-1 epoch")
+        ax.set_xlabel("epoch (Stage 1, Stage 2, ...)" if run["stage"].nunique() > 1 else "Stage-1 epoch")
         ax.set_xticks(list(run["step"]))
         ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
@@ -81,7 +82,9 @@ def plot_cos_to_stage1(history):
     if stage2.empty:
         raise ValueError("no Stage-2 rows in history")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, rows in stage2.groupby("method", sort=False):
+    for method, rows in stage2.groupby("run", sort=False):
+        if rows["cos_to_stage1"].isna().all():  # freeze-and-add, single: a new adapter
+            continue
         by_epoch = rows.groupby("epoch")["cos_to_stage1"]
         mean, std = by_epoch.mean(), by_epoch.std(ddof=1).fillna(0.0)
         ax.errorbar(mean.index, mean.values, yerr=std.values, marker="o", capsize=3, label=method)
@@ -129,6 +132,35 @@ def plot_rank_sweep(sweeps, adapter: str = "final", domain: str = "B"):
     return fig
 
 
+def plot_pareto(table, title: str = ""):
+    """Forgetting on the first domain (y) versus gain on the new domain (x), one point per row
+    of `cl_results.cl_table` (a method, or one lambda of a sweep), error bars = s.d. over seeds;
+    the lambdas of one method are joined by a line and labelled. Lower right is better."""
+    if table.empty:
+        raise ValueError("empty table: no runs to plot")
+    present = list(dict.fromkeys(table["method"]))
+    methods = [m for m in METHOD_NAMES if m in present] + [m for m in present if m not in METHOD_NAMES]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, method in enumerate(methods):
+        rows = table[table["method"] == method].sort_values("lambda")
+        ax.errorbar(rows["new_gain"], rows["delta_loss_first"], xerr=rows["new_gain_sd"].fillna(0.0),
+                    yerr=rows["delta_loss_first_sd"].fillna(0.0), color=f"C{i % 10}",
+                    marker="os^vD<>ph*"[i % 10], ms=6, capsize=3, ls="-" if len(rows) > 1 else "none",
+                    label=f"{method} (n={rows['n_seeds'].min()})")
+        for lam, x, y in zip(rows["lambda"], rows["new_gain"], rows["delta_loss_first"]):
+            if lam == lam:  # not NaN: a method with a lambda
+                ax.annotate(f"λ={lam:g}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.axhline(0.0, color="grey", lw=1, ls=":")
+    ax.set_xlabel("gain on the new domain: base loss − final loss (nats / token)")
+    ax.set_ylabel("forgetting on the first domain:\nfinal loss − loss after its stage (nats / token)")
+    ax.set_title(title or "Learning versus forgetting (mean ± s.d. over seeds; lower right is better)",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Save as PNG (150 dpi), creating folders; returns the path."""
     path = Path(path)
@@ -138,22 +170,43 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_all(out: str | Path, image_dir: str | Path) -> list[Path]:
-    """Redraw every figure of the results folder `out` into `image_dir`; returns the PNG paths."""
+def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ()) -> list[Path]:
+    """Redraw every figure of the results folder `out` into `image_dir` (with `only`, just
+    those whose file name starts with one of its entries, e.g. ("pareto",)); returns the PNG paths."""
+    from .cl_results import BASELINE, cl_table
     from .results import load_history, load_summary, load_sweeps
 
     summary, history = load_summary(out), load_history(out)
-    paths = [save_figure(plot_method_comparison(summary, "acc"), Path(image_dir) / "methods_acc.png"),
-             save_figure(plot_method_comparison(summary, "loss"), Path(image_dir) / "methods_loss.png"),
-             save_figure(plot_cos_to_stage1(history), Path(image_dir) / "cos_to_stage1.png")]
-    for (method, seed), _ in history.groupby(["method", "seed"], sort=False):
-        paths.append(save_figure(plot_stage_history(history, method, seed),
-                                 Path(image_dir) / f"history_{method}_seed{seed}.png"))
+    paths = []
+
+    def want(name: str) -> bool:
+        return not only or name.startswith(tuple(only))
+
+    if summary["A_after_stage2_acc"].notna().any():  # two-domain runs
+        for metric in ("acc", "loss"):
+            if want(f"methods_{metric}"):
+                paths.append(save_figure(plot_method_comparison(summary, metric),
+                                         Path(image_dir) / f"methods_{metric}.png"))
+    if history["cos_to_stage1"].notna().any() and want("cos_to_stage1"):
+        paths.append(save_figure(plot_cos_to_stage1(history), Path(image_dir) / "cos_to_stage1.png"))
+    if ((summary["run"] == BASELINE).any() and summary["run"].nunique() > 1
+            and summary["delta_loss_first"].notna().any() and want("pareto")):  # schema 2: no R
+        domains = " → ".join(summary["domains"].iloc[0].split(">"))
+        paths.append(save_figure(plot_pareto(cl_table(out), f"{domains}: learning versus forgetting "
+                                             "(mean ± s.d. over seeds; lower right is better)"),
+                                 Path(image_dir) / "pareto.png"))
+    for (run, seed), _ in history.groupby(["run", "seed"], sort=False):
+        if want(f"history_{run}_seed{seed}"):
+            paths.append(save_figure(plot_stage_history(history, run, seed),
+                                     Path(image_dir) / f"history_{run}_seed{seed}.png"))
+    if only and not want("rank_sweep"):
+        return paths
     try:
         sweeps = load_sweeps(out)
     except FileNotFoundError:  # results made without rank sweeps
         return paths
     for adapter, domain in sweeps[["adapter", "domain"]].drop_duplicates().itertuples(index=False):
-        paths.append(save_figure(plot_rank_sweep(sweeps, adapter, domain),
-                                 Path(image_dir) / f"rank_sweep_{adapter}_{domain}.png"))
+        if want(f"rank_sweep_{adapter}_{domain}"):
+            paths.append(save_figure(plot_rank_sweep(sweeps, adapter, domain),
+                                     Path(image_dir) / f"rank_sweep_{adapter}_{domain}.png"))
     return paths

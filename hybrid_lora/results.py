@@ -1,10 +1,19 @@
 """Result files: layout, schema, atomic writes, derived metrics, summary table. No torch here.
 
-Layout of one run: `<out>/<method>/seed<k>/` with
-- `config.json`   every ExperimentConfig field, plus `method` and `seed`;
+Layout of one run: `<out>/<run>/seed<k>/` (`<run>` is the method, or e.g. `dc_lam1` in a
+lambda sweep) with
+- `config.json`   every ExperimentConfig field, plus `method`, `seed`, `schema_version`;
 - `history.json`  list of per-epoch rows with keys HISTORY_KEYS;
-- `metrics.json`  EVAL_KEYS as {"loss", "acc", "tokens"} plus DERIVED_KEYS and `schema_version`;
-- `adapter_stage1/`, `adapter_final/`  PEFT `save_pretrained` folders.
+- `metrics.json`  `R` = {"domains", "loss", "acc"}: R[t][i] on domain i after stage t (t = 0
+                  the base model); the `cl_metrics` of R; for two domains also EVAL_KEYS as
+                  {"loss", "acc"} (A = Stage-1 domain, B = Stage-2 domain) and DERIVED_KEYS;
+                  SWEEP_KEYS when swept; `schema_version`;
+- `eval_sequences.json`  {"domains", "R": R[t][i] = {"nll", "tokens", "hits"}, one entry per
+                  evaluation sequence}: the sums behind every entry of R (bootstrap intervals);
+- `stage1.json`   Stage 1's key, history and R rows 0-1 (lets identical runs share Stage 1;
+                  `copied_from` names the run it was taken from);
+- `adapter_stage<t>/` for t < T, `adapter_final/`: PEFT `save_pretrained` folders (for
+                  freeze-and-add methods, each stage's own adapter).
 `<out>/summary.csv` is rebuilt from all run folders (one row per run, SUMMARY_COLUMNS;
 `seconds` there is the sum of the epochs' train + eval time from history.json).
 """
@@ -17,16 +26,22 @@ import os
 import tempfile
 from pathlib import Path
 
-SCHEMA_VERSION = 2
-HISTORY_KEYS = ("stage", "epoch", "rank", "train_ce", "train_order", "train_dc", "eval_loss",
-                "eval_acc", "cos_to_stage1", "dc_end", "dc_grad_norm", "trainable_params", "seconds")
+SCHEMA_VERSION = 3
+HISTORY_KEYS = ("stage", "epoch", "rank", "train_ce", "train_order", "train_dc", "train_penalty",
+                "eval_loss", "eval_acc", "cos_to_stage1", "dc_end", "dc_grad_norm", "penalty_end",
+                "penalty_grad_norm", "trainable_params", "seconds")
+STAGE1_FILE = "stage1.json"            # Stage 1's key, history and evaluations (for sharing it)
+SEQUENCES_FILE = "eval_sequences.json"  # per-sequence sums behind every entry of R
 EVAL_KEYS = ("A_base", "B_base", "A_after_stage1", "A_after_stage2", "B_after_stage2")
 DERIVED_KEYS = ("retention", "delta_loss_A", "gain_retained")
 SWEEP_KEYS = ("rank_auc_stage1_A", "rank_auc_final_B")  # from sweep.json; NaN when not swept
 SWEEP_COLUMNS = ("adapter", "adapter_rank", "domain", "kind", "scaling", "rank", "loss", "acc")
-SUMMARY_COLUMNS = (("method", "seed")
+# From R, for any number of stages T: "first" is the Stage-1 domain, "new" the last stage's.
+CL_KEYS = ("avg_final_acc", "bwt", "forgetting_first", "delta_loss_first", "delta_ppl_first",
+           "gain_retained_first", "forgetting_mean", "delta_loss_mean", "new_gain", "new_acc")
+SUMMARY_COLUMNS = (("run", "method", "seed", "domains", "lambda")
                    + tuple(f"{k}_{m}" for k in EVAL_KEYS for m in ("loss", "acc"))
-                   + DERIVED_KEYS + SWEEP_KEYS + ("seconds",))
+                   + DERIVED_KEYS + CL_KEYS + SWEEP_KEYS + ("seconds",))
 
 
 def run_dir(out: str | Path, method: str, seed: int) -> Path:
@@ -90,13 +105,37 @@ def sweep_auc(rows: list[dict], adapter: str, domain: str, kind: str = "slice") 
     return rank_auc([r for r in rows if (r["adapter"], r["domain"], r["kind"]) == (adapter, domain, kind)])
 
 
+def cl_columns(m: dict) -> dict:
+    """The CL_KEYS of one run's metrics.json; all NaN for schema-2 files (no R matrix)."""
+    if "R" not in m:
+        return dict.fromkeys(CL_KEYS, math.nan)
+    loss, acc = m["R"]["loss"], m["R"]["acc"]
+    T = len(acc) - 1
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    return {"avg_final_acc": m["avg_final_acc"], "bwt": m["bwt"],
+            "forgetting_first": m["forgetting"][0], "delta_loss_first": m["delta_loss"][0],
+            "delta_ppl_first": m["delta_ppl"][0], "gain_retained_first": m["gain_retained"][0],
+            "forgetting_mean": mean(m["forgetting"]), "delta_loss_mean": mean(m["delta_loss"]),
+            "new_gain": loss[0][T - 1] - loss[T][T - 1], "new_acc": acc[T][T - 1]}
+
+
+def run_lambda(cfg: dict) -> float:
+    """The weight of the run's method's own regularizer (lambda_dc, lambda_l2, ...), else NaN."""
+    from .methods import LAMBDA_FIELDS, get_method
+
+    reg = get_method(cfg["method"]).regularizer()
+    return cfg[LAMBDA_FIELDS[reg]] if reg else math.nan
+
+
 def summary_row(run: Path) -> dict:
     """One summary-table row from a finished run folder."""
     cfg, m = read_json(run / "config.json"), read_json(run / "metrics.json")
-    row = {"method": cfg["method"], "seed": cfg["seed"]}
+    row = {"run": run.parent.name, "method": cfg["method"], "seed": cfg["seed"],
+           "domains": ">".join(cfg["domains"]), "lambda": run_lambda(cfg)}
     for k in EVAL_KEYS:
-        row[f"{k}_loss"], row[f"{k}_acc"] = m[k]["loss"], m[k]["acc"]
-    row.update({k: m[k] for k in DERIVED_KEYS})
+        row[f"{k}_loss"], row[f"{k}_acc"] = (m[k]["loss"], m[k]["acc"]) if k in m else (math.nan,) * 2
+    row.update({k: m.get(k, math.nan) for k in DERIVED_KEYS})
+    row.update(cl_columns(m))
     row.update({k: m.get(k, math.nan) for k in SWEEP_KEYS})
     row["seconds"] = sum(h["seconds"] for h in read_json(run / "history.json"))
     return row
@@ -138,7 +177,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def load_run_history(run: str | Path):
-    """One run's history.json (finished or still running) as a DataFrame: method, seed,
+    """One run's history.json (finished or still running) as a DataFrame: run, method, seed,
     HISTORY_KEYS..., and `step` (1-based epoch index across stages)."""
     import pandas as pd
 
@@ -147,6 +186,7 @@ def load_run_history(run: str | Path):
     df = pd.DataFrame(read_json(run / "history.json"), columns=list(HISTORY_KEYS))
     df.insert(0, "seed", cfg["seed"])
     df.insert(0, "method", cfg["method"])
+    df.insert(0, "run", run.parent.name)
     df["step"] = range(1, len(df) + 1)
     return df
 
@@ -176,9 +216,10 @@ def metrics_table(metrics: dict):
 
 def method_table(summary, columns: tuple[str, ...] = ("A_after_stage1_acc", "A_after_stage2_acc",
                                                       "B_after_stage2_acc", "retention",
-                                                      "delta_loss_A")):
-    """Mean and sample standard deviation over seeds per method (rows), with the seed count."""
-    grouped = summary.groupby("method", sort=False)
+                                                      "delta_loss_A"), by: str = "method"):
+    """Mean and sample standard deviation over seeds per method (rows; `by="run"` keeps the
+    runs of a lambda sweep apart), with the seed count."""
+    grouped = summary.groupby(by, sort=False)
     table = grouped[list(columns)].agg(["mean", "std"])
     table.insert(0, ("n_seeds", ""), grouped["seed"].nunique())
     return table

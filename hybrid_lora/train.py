@@ -1,14 +1,17 @@
-"""One training loop for every method; two stages; the Stage-2 rank schedule; whole runs.
+"""One training loop for every method; a sequence of stages; the Stage-2 rank schedule; runs.
 
-    run_experiment: build -> evaluate base on A and B -> Stage 1 on A -> evaluate A
-                    -> Stage 2 on B (DC against the Stage-1 factors, rank rebuilds)
-                    -> evaluate A again and B -> write config/history/metrics/adapters.
+    run_experiment: build -> evaluate the base on every domain (R row 0)
+                    -> for each stage t: set up the method's references to the adapters of
+                       earlier stages (`continual.py`) -> train on domain t (DC / penalty,
+                       rank rebuilds) -> evaluate every domain (R row t) -> save the adapter
+                    -> write config/history/metrics/eval_sequences.
 
 Runs checkpoint as they go (`checkpoint.py`); calling `run_experiment` again on the same
 folder resumes from the latest checkpoint, or returns at once if the run is complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -18,20 +21,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import (build_model, count_trainable_params, current_rank, flatten_factors,
-                       load_adapter, load_tokenizer, lora_factors, rebuild_model_for_new_rank,
-                       snapshot_factors)
-from .checkpoint import (checkpoint_position, clear_checkpoints, load_checkpoint, save_adapter,
-                         save_checkpoint, set_rng_state)
-from .config import RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
-from .data import make_loaders
-from .cl_losses import dc_delta_w, dc_per_module, module_vectors
+                       load_adapter, load_tokenizer, lora_factors, rebuild_model_for_new_rank)
+from .checkpoint import (checkpoint_position, clear_checkpoints, copy_dir, load_checkpoint,
+                         save_adapter, save_checkpoint, set_rng_state)
+from .cl_results import sweep_name
+from .config import METHOD_NAMES, RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
+from .continual import StageReference, adapter_dir, regularizer_terms, stage_model, stage_reference
+from .data import make_loaders, stage_train_set, train_loader
 from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, model_device
-from .losses import causal_lm_sums, domain_correlation_loss, ordering_penalty
-from .methods import Method, get_method
+from .losses import causal_lm_sums, ordering_penalty
+from .methods import LAMBDA_FIELDS, Method, get_method
 from .nested import nested_training
 from .ranks import sweep_run
-from .results import (SCHEMA_VERSION, derived_metrics, read_json, run_dir, summary_row,
-                      sweep_auc, write_json_atomic, write_summary)
+from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, cl_metrics, derived_metrics,
+                      read_json, run_dir, summary_row, sweep_auc, write_json_atomic, write_summary)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,40 +76,31 @@ def _zero_sums(device: torch.device) -> dict:
     return {"ce": torch.zeros((), dtype=torch.float64, device=device),
             "tokens": torch.zeros((), dtype=torch.long, device=device),
             "order": torch.zeros((), device=device), "dc": torch.zeros((), device=device),
+            "penalty": torch.zeros((), device=device),
             "steps": 0, "seconds": 0.0}
 
 
-def _dc_term(variant: str, factors, stage1_factors, w_prev, rank: int, lam: float):
-    """The DC loss of `variant` as a function of the live factors (set up once per build)."""
-    if stage1_factors is None or not lam:
-        return None
-    if variant == "global":  # live vector: the gradient reaches the LoRA weights (defect 1)
-        return lambda: domain_correlation_loss(w_prev, flatten_factors(factors), lam)
-    if variant == "per_module":
-        prev = module_vectors([(a[:rank], b[:, :rank]) for a, b in stage1_factors])  # once per build
-        return lambda: dc_per_module(factors, prev, lam)
-    return lambda: dc_delta_w(factors, stage1_factors, lam)  # B A of any rank
-
-
-def _dc_probe(dc_term, factors) -> tuple[float, float]:
-    """(DC value, norm of its gradient w.r.t. all LoRA weights) at the current weights: shows
-    whether the term acts. Needs no forward pass of the model."""
+def _probe(term, factors) -> tuple[float, float]:
+    """(value, norm of its gradient w.r.t. all LoRA weights) of a regularizer term at the
+    current weights: shows whether the term acts. Needs no forward pass of the model."""
     with torch.enable_grad():
-        value = dc_term()
-        grads = torch.autograd.grad(value, [t for ab in factors for t in ab])
-    return value.item(), torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
+        value = term()
+        grads = torch.autograd.grad(value, [t for ab in factors for t in ab], allow_unused=True)
+    return value.item(), torch.sqrt(sum(g.double().square().sum() for g in grads if g is not None)).item()
 
 
 def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_loader, eval_loader,
-                ranks: tuple[int, ...], stage1_factors=None, amp_dtype: torch.dtype | None = None,
+                ranks: tuple[int, ...], reference: StageReference | None = None,
+                amp_dtype: torch.dtype | None = None,
                 progress: bool = True, resume: dict | None = None, checkpoint=None):
     """Train one stage, one epoch per entry of `ranks`; returns (model, history rows).
 
     Before an epoch whose rank is below the model's, the model is rebuilt at that rank
-    (scaling by `method.cut_scaling`) and gets a fresh optimizer. In the method's
-    `nested_stages` each step trains one sampled rank (`nested.py`). The returned model may
-    therefore be a new object: callers must use it. `stage1_factors` ([(A, B)] detached) enables
-    the DC term (when the method has it in this stage) and the `cos_to_stage1` column.
+    (scaling by `method.cut_scaling`) and gets a fresh optimizer. A `method.nested` method
+    trains one sampled rank per step (`nested.py`). The returned model may therefore be a new
+    object: callers must use it. `reference` (`continual.stage_reference`: the adapter after
+    the previous stage, EWC Fisher, earlier A matrices) enables the method's DC and penalty
+    terms in this stage and, for a continued adapter, the `cos_to_stage1` column.
     `amp_dtype` (from `choose_amp_dtype`) autocasts the forward pass only: the LoRA weights,
     the regularizers and the loss sums stay fp32; fp16 adds a GradScaler.
     `train_loader.sampler` must be an `EpochSampler` (each epoch's order rebuilt on its own).
@@ -116,8 +110,10 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
     continues from there: same batches, same optimizer/scaler state, same RNG stream.
     """
     lam_order, lam_dc = method.lambdas(cfg, stage)
-    if lam_dc and stage1_factors is None:
-        raise ValueError(f"method {method.name!r} uses DC in stage {stage} but no Stage-1 factors given")
+    if (lam_dc or method.penalty_lambda(cfg, stage)) and reference is None:
+        raise ValueError(f"method {method.name!r} regularizes stage {stage} against the previous "
+                         "adapter, but no reference was given")
+    cos_ref = reference if reference is not None and method.adapter == "continue" else None
     device = model_device(model)
     rebuild_scaling = {"preserve": "preserve", "dylora": "peft"}[method.cut_scaling(cfg)]
     optimizer = make_optimizer(model, cfg)
@@ -151,10 +147,10 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             model = rebuild_model_for_new_rank(model, rank, cfg, scaling=rebuild_scaling)
             optimizer = make_optimizer(model, cfg)
         # Done once per (re)build, not per step: the live factor list and the frozen
-        # Stage-1 vector cut to the current rank (so elements line up: defect 4).
+        # previous-stage vectors cut to the current rank (so elements line up: defect 4).
         factors = [(a, b) for _, a, b, _ in lora_factors(model)]
-        w_prev = flatten_factors(stage1_factors, rank) if stage1_factors is not None else None
-        dc_term = _dc_term(cfg.dc_variant, factors, stage1_factors, w_prev, rank, lam_dc)
+        w_prev = flatten_factors(cos_ref.factors, rank) if cos_ref is not None else None
+        terms = regularizer_terms(cfg, method, stage, factors, rank, reference)
         skip = start_step if epoch == start_epoch else 0
         sums = _zero_sums(device)
         if skip and saved_sums is not None:
@@ -162,7 +158,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
         train_loader.sampler.set_epoch(stage, epoch, skip * train_loader.batch_size)
         n_batches, step = skip + len(train_loader), skip
         start = time.perf_counter() - sums["seconds"]
-        with nested_training(model, cfg, enabled=stage in method.nested_stages) as nest:
+        with nested_training(model, cfg, enabled=method.nested) as nest:
             model.train()
             batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
                            disable=not progress, initial=skip, total=n_batches)
@@ -179,10 +175,10 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                     order = lam_order * ordering_penalty(factors)
                     loss = loss + order
                     sums["order"] += order.detach()
-                if lam_dc:
-                    dc = dc_term()
-                    loss = loss + dc
-                    sums["dc"] += dc.detach()
+                for name, term in terms.items():  # "dc", "penalty"
+                    value = term()
+                    loss = loss + value
+                    sums[name] += value.detach()
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
                 scaler.step(optimizer)
@@ -203,18 +199,21 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                 nest.full()
             ev = evaluate_loss_and_token_acc(model, eval_loader, amp_dtype)
         cos = None
-        if stage1_factors is not None:
+        if w_prev is not None:
             with torch.no_grad():
                 cos = torch.nn.functional.cosine_similarity(
                     w_prev, flatten_factors(factors), dim=0).item()
         steps = max(sums["steps"], 1)
-        dc_end, dc_grad = _dc_probe(dc_term, factors) if lam_dc else (None, None)
+        dc_end, dc_grad = _probe(terms["dc"], factors) if "dc" in terms else (None, None)
+        pen_end, pen_grad = _probe(terms["penalty"], factors) if "penalty" in terms else (None, None)
         rows.append({
             "stage": stage, "epoch": epoch, "rank": rank,
             "train_ce": (sums["ce"] / sums["tokens"].clamp(min=1)).item(),
             "train_order": sums["order"].item() / steps, "train_dc": sums["dc"].item() / steps,
+            "train_penalty": sums["penalty"].item() / steps,
             "eval_loss": ev["loss"], "eval_acc": ev["acc"], "cos_to_stage1": cos,
             "dc_end": dc_end, "dc_grad_norm": dc_grad,
+            "penalty_end": pen_end, "penalty_grad_norm": pen_grad,
             "trainable_params": count_trainable_params(model),
             "seconds": time.perf_counter() - start,
         })
@@ -224,14 +223,6 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             save(model, (stage, epoch + 1, 0))
     epochs.close()
     return model, rows
-
-
-def _final_eval(rows: list[dict], model, loader, amp_dtype) -> dict:
-    """The current domain's evaluation after a stage: the last epoch's, or a fresh one."""
-    if rows:
-        return {"loss": rows[-1]["eval_loss"], "acc": rows[-1]["eval_acc"]}
-    ev = evaluate_loss_and_token_acc(model, loader, amp_dtype)
-    return {"loss": ev["loss"], "acc": ev["acc"]}
 
 
 def check_same_run(run: Path, config: dict, ignore: tuple[str, ...] = ()) -> None:
@@ -245,20 +236,56 @@ def check_same_run(run: Path, config: dict, ignore: tuple[str, ...] = ()) -> Non
                          f"Use another output folder, or delete {run} to start it over.")
 
 
-def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str | Path,
-                   progress: bool = True, stop_after_stage: int | None = None) -> dict:
-    """The whole two-stage run of `method` with `seed` in `<out_dir>/<method>/seed<seed>/`.
+def stage_seed(seed: int, stage: int) -> int:
+    """The seed a stage >= 2 starts from: later stages do not depend on how many random
+    numbers earlier stages drew, so runs with the same Stage 1 can share it."""
+    return int(np.random.SeedSequence([seed, stage]).generate_state(1)[0])
 
-    Returns {"config", "history", "metrics", "complete"}; the first three as on disk.
-    A complete run (metrics.json present) is returned without training; an interrupted
-    one resumes from its latest checkpoint and ends with the same numbers as an
-    uninterrupted run. `stop_after_stage=1` stops once the Stage-1 adapter is saved; a
-    later call continues with Stage 2 and may change the Stage-2-only fields
-    (`config.STAGE2_FIELDS`, e.g. lambda_dc) until Stage 2 has started. Domain A is evaluated right after Stage 1 and
-    again, separately, after Stage 2 (defect 2 of the original measured both after Stage 2).
+
+def stage1_key(cfg: ExperimentConfig, method: Method, seed: int) -> dict:
+    """Everything Stage 1 (and the evaluations after it) depends on."""
+    skip = set(STAGE2_FIELDS + RUN_INDEPENDENT_FIELDS)
+    return {"config": {k: v for k, v in cfg.to_dict().items() if k not in skip},
+            "method": list(method.stage1_signature()), "seed": seed, "schema_version": SCHEMA_VERSION}
+
+
+def _shared_stage1(out_dir: Path, rd: Path, key: dict) -> Path | None:
+    """Another run folder under `out_dir` whose finished Stage 1 has this key, or None."""
+    for path in sorted(Path(out_dir).glob(f"*/seed{key['seed']}/{STAGE1_FILE}")):
+        if path.parent != rd and read_json(path)["key"] == key:
+            return path.parent
+    return None
+
+
+def legacy_metrics(domains, evals: list[list[dict]]) -> dict:
+    """The two-domain keys (A = Stage-1 domain, B = Stage-2 domain) from the R matrix rows so far."""
+    if len(domains) != 2:
+        return {}
+    names = [("A_base", 0, 0), ("B_base", 0, 1), ("A_after_stage1", 1, 0),
+             ("A_after_stage2", 2, 0), ("B_after_stage2", 2, 1)]
+    return {k: {x: evals[t][i][x] for x in ("loss", "acc")}
+            for k, t, i in names if t < len(evals)}
+
+
+def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str | Path,
+                   progress: bool = True, stop_after_stage: int | None = None,
+                   name: str | None = None) -> dict:
+    """The whole run of `method` with `seed` over `cfg.domains` in `<out_dir>/<name>/seed<seed>/`
+    (`name` defaults to the method; lambda sweeps use e.g. "dc_lam1").
+
+    Stage t trains on domain t; after every stage (and before the first: t = 0) the model is
+    evaluated on every domain, giving the R matrix of `results.cl_metrics` (defect 2 of the
+    original evaluated the first domain only after the last stage). Returns {"config",
+    "history", "metrics", "complete"}, as on disk. A complete run (metrics.json present) is
+    returned without training; an interrupted one resumes from its latest checkpoint and ends
+    with the same numbers. `stop_after_stage=1` stops once the Stage-1 adapter is saved; a
+    later call may change the later-stage fields (`config.STAGE2_FIELDS`, e.g. lambda_dc)
+    until Stage 2 has started. With `cfg.share_stage1`, a run whose Stage 1 is identical to a
+    finished one in the same `out_dir` copies it (same numbers as training it again).
     """
     m = get_method(method)
-    rd = run_dir(out_dir, method, seed)
+    rd = run_dir(out_dir, name or method, seed)
+    n_stages = len(cfg.domains)
     config = {**cfg.to_dict(), "method": method, "seed": seed, "schema_version": SCHEMA_VERSION}
     complete = (rd / "metrics.json").exists()
     if (rd / "config.json").exists():
@@ -271,84 +298,134 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     set_seed(seed)
     device = resolve_device(cfg.device)
     amp_dtype = choose_amp_dtype(cfg.mixed_precision, device)  # decided once for the run
-    position, history, metrics, state = (1, 1, 0), [], {}, None
+    key = stage1_key(cfg, m, seed)
+    position, history, evals, state = (1, 1, 0), [], [], None
     found = load_checkpoint(rd, cfg, device)
-    if found is None:
-        model, tok = build_model(cfg, device, r=m.train_rank(cfg))
-    else:
+    donor = _shared_stage1(out_dir, rd, key) if found is None and cfg.share_stage1 else None
+    if found is not None:
         (model, state, saved), tok = found, load_tokenizer(cfg)
-        position, history, metrics = tuple(saved["position"]), saved["history"], saved["metrics"]
+        position, history, evals = tuple(saved["position"]), saved["history"], saved["evals"]
+    elif donor is not None:  # Stage 1 done elsewhere: take its adapter, history and evaluations
+        shared = read_json(donor / STAGE1_FILE)
+        copy_dir(donor / "adapter_stage1", rd / "adapter_stage1")
+        write_json_atomic(rd / STAGE1_FILE, {**shared, "copied_from": str(donor.relative_to(out_dir))})
+        model, tok = load_adapter(cfg, rd / "adapter_stage1", device, trainable=True), load_tokenizer(cfg)
+        position, history, evals = (2, 1, 0), shared["history"], shared["evals"]
+    else:
+        model, tok = build_model(cfg, device, r=m.train_rank(cfg))
     loaders = [make_loaders(cfg, tok, domain, seed) for domain in cfg.domains]
-    (train_a, eval_a), (train_b, eval_b) = loaders
+    train_sets = [train.dataset for train, _ in loaders]
 
-    def ev(loader) -> dict:
-        e = evaluate_loss_and_token_acc(model, loader, amp_dtype)
-        return {"loss": e["loss"], "acc": e["acc"]}
+    def evaluate_all(model) -> list[dict]:  # one row of R: every domain, with per-sequence sums
+        return [evaluate_loss_and_token_acc(model, ev, amp_dtype, per_sequence=True) for _, ev in loaders]
+
+    def metrics_so_far() -> dict:
+        return legacy_metrics(cfg.domains, evals)
 
     def checkpoint(model, pos, st, rows) -> None:
         done = [h for h in history if h["stage"] < pos[0]] + rows
         write_json_atomic(rd / "history.json", done)  # live history, for plotting mid-run
-        save_checkpoint(rd, model, pos, st, {"history": done, "metrics": metrics})
+        save_checkpoint(rd, model, pos, st, {"history": done, "evals": evals})
 
     def result(complete: bool) -> dict:
-        return {"config": config, "history": history, "metrics": metrics, "complete": complete}
+        return {"config": config, "history": history, "metrics": metrics_so_far(), "complete": complete}
 
     if stop_after_stage is not None and position[0] > stop_after_stage:
         return result(False)
-    if not metrics:  # LoRA B starts at zero, so the fresh PEFT model computes the base model
-        metrics.update(A_base=ev(eval_a), B_base=ev(eval_b))
-    stage1 = None
-    if position[0] == 2:  # resumed in Stage 2: the DC target comes from the saved adapter
-        stage1 = snapshot_factors(load_adapter(cfg, rd / "adapter_stage1", device))
-    plan = {1: (train_a, eval_a, m.stage_ranks(cfg, 1)), 2: (train_b, eval_b, m.stage_ranks(cfg, 2))}
-    for stage, (train, evl, ranks) in plan.items():
-        if stage < position[0]:
-            continue
+    if not evals:  # LoRA B starts at zero, so the fresh PEFT model computes the base model
+        evals.append(evaluate_all(model))
+    for stage in range(position[0], n_stages + 1):
         resume = None
-        if state is not None and stage == position[0]:
+        if state is not None and stage == position[0] and position[1:] != (1, 0):
             resume = {"epoch": position[1], "step": position[2], "state": state,
                       "rows": [h for h in history if h["stage"] == stage]}
-        model, rows = train_stage(model, cfg, m, stage, train, evl, ranks,
-                                  stage1_factors=stage1 if stage == 2 else None,
-                                  amp_dtype=amp_dtype, progress=progress, resume=resume,
-                                  checkpoint=checkpoint)
+        if stage > 1:
+            if resume is None:  # a fresh start of the stage: its own seed, then any new adapter
+                set_seed(stage_seed(seed, stage))
+                if m.adapter != "continue":
+                    model = stage_model(cfg, m, rd, stage, device)
+            elif m.adapter == "add":  # the checkpoint holds only the new adapter
+                model = _with_factors(stage_model(cfg, m, rd, stage, device), model)
+        reference = stage_reference(cfg, m, rd, stage, train_sets, device, amp_dtype)
+        data, length = stage_train_set(cfg, train_sets, stage, m.data)
+        model, rows = train_stage(model, cfg, m, stage, train_loader(cfg, data, seed, length),
+                                  loaders[stage - 1][1], m.stage_ranks(cfg, stage),
+                                  reference=reference, amp_dtype=amp_dtype, progress=progress,
+                                  resume=resume, checkpoint=checkpoint)
         history[:] = [h for h in history if h["stage"] < stage] + rows
+        evals[stage:] = [evaluate_all(model)]
+        save_adapter(model, adapter_dir(rd, stage, n_stages))
         if stage == 1:
-            metrics["A_after_stage1"] = _final_eval(rows, model, eval_a, amp_dtype)
-            save_adapter(model, rd / "adapter_stage1")
-            stage1 = snapshot_factors(model)
-            checkpoint(model, (2, 1, 0), {}, [])
-            if stop_after_stage == 1:
+            write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals})
+        if stage < n_stages:
+            checkpoint(model, (stage + 1, 1, 0), {}, [])
+            if stop_after_stage == stage:
                 return result(False)
-    metrics["B_after_stage2"] = _final_eval(rows, model, eval_b, amp_dtype)
-    metrics["A_after_stage2"] = ev(eval_a)  # a new evaluation of the final model on A
-    save_adapter(model, rd / "adapter_final")
-    metrics = {k: metrics[k] for k in ("A_base", "B_base", "A_after_stage1", "A_after_stage2",
-                                       "B_after_stage2")}
-    metrics.update(derived_metrics(metrics))
-    if cfg.sweep_ranks and cfg.sweep_kinds:  # every cut of both saved adapters, no training
+    metrics = metrics_so_far()
+    if n_stages == 2:
+        metrics.update(derived_metrics(metrics))
+    metrics["R"] = {"domains": list(cfg.domains),
+                    "loss": [[e["loss"] for e in row] for row in evals],
+                    "acc": [[e["acc"] for e in row] for row in evals]}
+    metrics.update(cl_metrics(metrics["R"]["acc"], metrics["R"]["loss"]))
+    if cfg.sweep_ranks and cfg.sweep_kinds and n_stages == 2 and m.adapter == "continue":
         kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
         del model  # the sweep loads both adapters back from disk
-        sweep = sweep_run(rd, cfg, {"A": eval_a, "B": eval_b}, cfg.sweep_ranks, kinds, device,
-                          amp_dtype, progress)
+        sweep = sweep_run(rd, cfg, {"A": loaders[0][1], "B": loaders[1][1]}, cfg.sweep_ranks, kinds,
+                          device, amp_dtype, progress)
         metrics.update(rank_auc_stage1_A=sweep_auc(sweep, "stage1", "A"),
                        rank_auc_final_B=sweep_auc(sweep, "final", "B"))
     metrics["schema_version"] = SCHEMA_VERSION  # no timings here: same seed, same file
     write_json_atomic(rd / "history.json", history)
+    write_json_atomic(rd / SEQUENCES_FILE, {"domains": list(cfg.domains),
+                                            "R": [[e["seq"] for e in row] for row in evals]})
     write_json_atomic(rd / "metrics.json", metrics)  # written last: marks the run complete
     if not cfg.keep_checkpoints:
         clear_checkpoints(rd)
-    return result(True)
+    return result(True) | {"metrics": metrics}
 
 
-def run_all(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True) -> list[dict]:
+def _with_factors(model, source):
+    """`model` with its LoRA factors copied from `source` (same rank); returns `model`."""
+    with torch.no_grad():
+        for (_, a, b, _), (_, a0, b0, _) in zip(lora_factors(model), lora_factors(source)):
+            a.copy_(a0), b.copy_(b0)
+    return model
+
+
+def run_all(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
+            lambdas: dict[str, tuple[float, ...]] | None = None) -> list[dict]:
     """Every method in `cfg.methods` x seed in `cfg.seeds` (complete runs skipped, interrupted
-    ones resumed); rebuilds summary.csv; returns its rows for these runs."""
+    ones resumed), then the lambda sweeps `lambdas` ({method: (lambda, ...)}, see
+    `run_lambda_sweep`); rebuilds summary.csv; returns its rows for these runs."""
+    names = []
     for method in cfg.methods:
         for seed in cfg.seeds:
             done = (run_dir(out_dir, method, seed) / "metrics.json").exists()
             if done and progress:
                 tqdm.write(f"{method} seed {seed}: complete in {out_dir}, skipped")
             run_experiment(cfg, method, seed, out_dir, progress=progress)
+        names.append(method)
+    for method, values in (lambdas or {}).items():
+        names += run_lambda_sweep(cfg, out_dir, method, values, progress)
     write_summary(out_dir)
-    return [summary_row(run_dir(out_dir, mth, s)) for mth in cfg.methods for s in cfg.seeds]
+    return [summary_row(run_dir(out_dir, name, s)) for name in names for s in cfg.seeds]
+
+
+def run_lambda_sweep(cfg: ExperimentConfig, out_dir: str | Path, method: str, values,
+                     progress: bool = True) -> list[str]:
+    """`method` at each lambda of its regularizer (lambda_dc, lambda_l2, lambda_ewc or
+    lambda_olora) x every seed, in `<out>/<method>_lam<value>/`; a value equal to cfg's own is
+    the plain `<out>/<method>/` run. Returns the run names. Stage 1 is shared between them."""
+    reg = get_method(method).regularizer()
+    if reg is None:
+        raise ValueError(f"method {method!r} has no lambda-weighted regularizer to sweep; "
+                         f"sweepable: {[m for m in METHOD_NAMES if get_method(m).regularizer()]}")
+    field, names = LAMBDA_FIELDS[reg], []
+    for lam in values:
+        name = method if lam == getattr(cfg, field) else sweep_name(method, lam)
+        for seed in cfg.seeds:
+            run_experiment(dataclasses.replace(cfg, **{field: float(lam)}), method, seed, out_dir,
+                           progress=progress, name=name)
+        names.append(name)
+    return names

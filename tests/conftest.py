@@ -36,3 +36,17 @@ def randomize_lora(model, seed: int = 0, scale: float = 0.5) -> None:
         for _, a, b, _ in lora_factors(model):
             a.copy_(torch.randn(a.shape, generator=g) * scale)
             b.copy_(torch.randn(b.shape, generator=g) * scale)
+
+
+def write_fake_run(d, method: str, seed: int, metrics: dict, history: list) -> None:
+    """A finished two-domain run folder from hand-written legacy metrics (A_base, B_base,
+    A_after_stage1, A_after_stage2, B_after_stage2): adds the full config and the R matrix
+    (B after Stage 1 taken equal to B_base) with its cl_metrics, as run_experiment writes them."""
+    from hybrid_lora.results import cl_metrics, write_json_atomic
+
+    write_json_atomic(d / "config.json", {**ExperimentConfig.smoke().to_dict(), "method": method, "seed": seed})
+    write_json_atomic(d / "history.json", history)
+    keys = [["A_base", "B_base"], ["A_after_stage1", "B_base"], ["A_after_stage2", "B_after_stage2"]]
+    R = {x: [[metrics[k][x] for k in row] for row in keys] for x in ("loss", "acc")}
+    write_json_atomic(d / "metrics.json", {**metrics, "R": {"domains": ["imdb", "yelp"], **R},
+                                           **cl_metrics(R["acc"], R["loss"])})

@@ -10,7 +10,7 @@ from hybrid_lora.results import read_json, run_dir
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ["01_stage1_imdb.ipynb", "02_stage2_yelp_rank_rebuild.ipynb",
-             "03_multi_seed_sweep.ipynb", "04_plots.ipynb", "05_rank_sweep.ipynb"]
+             "03_multi_seed_sweep.ipynb", "04_plots.ipynb", "05_rank_sweep.ipynb", "06_forgetting.ipynb"]
 
 
 def cells(name: str) -> list[dict]:
@@ -64,6 +64,9 @@ def executed(tmp_path_factory):
                                       "SEEDS": [42, 43]},
         "04_plots.ipynb": {"RESULTS_DIR": str(out), "IMAGE_DIR": str(work / "images")},
         "05_rank_sweep.ipynb": {"SMOKE": True, "OUT_DIR": str(work / "sweep"), "SEEDS": [42]},
+        "06_forgetting.ipynb": {"SMOKE": True, "OUT_DIR": str(work / "forgetting"), "SEEDS": [42, 43],
+                                "METHODS": ["lora", "dc", "single", "l2", "freeze_add"],
+                                "LAMBDAS": {"dc": [1.0]}, "N_TRAIN": 64, "N_EVAL": 32},
     }
     seconds, texts = {}, {}
     for name in NOTEBOOKS:
@@ -101,7 +104,7 @@ def test_sweep_notebook_skips_the_finished_run_and_runs_the_rest(executed):
 
 def test_plots_notebook_redraws_every_figure(executed):
     images = sorted(p.name for p in (executed["work"] / "images").glob("*.png"))
-    assert images == sorted(["methods_acc.png", "methods_loss.png", "cos_to_stage1.png"]
+    assert images == sorted(["methods_acc.png", "methods_loss.png", "cos_to_stage1.png", "pareto.png"]
                             + [f"history_{m}_seed{s}.png" for m in ("lora", "dylora", "dc", "hybrid")
                                for s in (42, 43)]
                             + [f"rank_sweep_{a}_{d}.png" for a in ("stage1", "final") for d in "AB"])
@@ -114,6 +117,19 @@ def test_rank_sweep_notebook_sweeps_every_method(executed):
     for figure in ("rank_sweep_stage1_A.png", "rank_sweep_final_B.png"):
         assert (sweep / "images" / figure).exists()
     assert "final adapter on B at rank 2" in executed["texts"]["05_rank_sweep.ipynb"]
+
+
+def test_forgetting_notebook_tables_and_plots_every_method_and_lambda(executed):
+    out = executed["work"] / "forgetting" / "imdb-code"
+    import pandas as pd
+
+    table = pd.read_csv(out / "cl_table.csv", index_col="run")
+    assert set(table.index) == {"lora", "dc", "dc_lam1", "single", "l2", "freeze_add"}
+    assert (table["n_seeds"] == 2).all() and table.loc["dc_lam1", "lambda"] == 1.0
+    assert table.drop(index="lora")["d_forget_lo"].notna().all()
+    assert (out / "images" / "pareto.png").exists()
+    text = executed["texts"]["06_forgetting.ipynb"]
+    assert "after stage 2 (code)" in text and "dc_grad_norm" in text
 
 
 def summary_lines(path: Path) -> list[str]:

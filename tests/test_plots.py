@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 from hybrid_lora.cli import main  # noqa: E402
 from hybrid_lora.plots import plot_cos_to_stage1, plot_method_comparison, plot_stage_history  # noqa: E402
 from hybrid_lora.results import load_history, load_summary, read_json, write_json_atomic  # noqa: E402
+from conftest import write_fake_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -20,19 +21,17 @@ def results(tmp_path_factory):
     for method, bump in (("lora", 0.0), ("hybrid", 0.05)):
         for seed in (1, 2):
             d = out / method / f"seed{seed}"
-            write_json_atomic(d / "config.json", {"method": method, "seed": seed})
             ranks = [8, 8, 8, 4, 2] if method == "hybrid" else [8] * 5
             hist = [{"stage": 1 if i < 2 else 2, "epoch": i + 1 if i < 2 else i - 1, "rank": r,
                      "train_ce": 5 - 0.1 * i, "train_order": 0.0, "train_dc": 0.0,
                      "eval_loss": 5 - 0.1 * i - bump, "eval_acc": 0.1 + 0.01 * i + seed / 100,
                      "cos_to_stage1": None if i < 2 else 1 - 0.05 * i - seed / 100,
                      "trainable_params": 100 * r, "seconds": 1.0} for i, r in enumerate(ranks)]
-            write_json_atomic(d / "history.json", hist)
             ev = lambda acc: {"loss": 5.0 - acc, "acc": acc}  # noqa: E731
-            write_json_atomic(d / "metrics.json", {
+            write_fake_run(d, method, seed, {
                 "A_base": ev(0.1), "B_base": ev(0.1), "A_after_stage1": ev(0.2 + seed / 100),
                 "A_after_stage2": ev(0.15 + bump + seed / 50), "B_after_stage2": ev(0.3 + bump),
-                "retention": 1.0, "delta_loss_A": 0.0, "gain_retained": 1.0})
+                "retention": 1.0, "delta_loss_A": 0.0, "gain_retained": 1.0}, hist)
     return out
 
 
@@ -58,7 +57,7 @@ def test_stage_history_marks_every_rank_change(results):
         assert [t.get_text() for t in ax.texts] == ["r=8", "r=4", "r=2"]
     acc_line = fig.axes[1].lines[0]
     assert list(acc_line.get_ydata()) == pytest.approx([0.12, 0.13, 0.14, 0.15, 0.16])
-    with pytest.raises(ValueError, match="method='dc'"):
+    with pytest.raises(ValueError, match="run='dc'"):
         plot_stage_history(load_history(results), "dc", 1)
 
 
@@ -74,7 +73,7 @@ def test_cos_plot_has_one_line_per_method_over_stage2_epochs(results):
 def test_plot_command_writes_pngs(results, tmp_path, capsys):
     assert main(["plot", "--results", str(results), "--images", str(tmp_path)]) == 0
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == sorted(["methods_acc.png", "methods_loss.png", "cos_to_stage1.png"]
+    assert pngs == sorted(["methods_acc.png", "methods_loss.png", "cos_to_stage1.png", "pareto.png"]
                           + [f"history_{m}_seed{s}.png" for m in ("lora", "hybrid") for s in (1, 2)])
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert read_json(results / "lora" / "seed1" / "config.json")["method"] == "lora"  # inputs untouched

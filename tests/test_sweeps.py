@@ -11,7 +11,7 @@ from hybrid_lora.plots import plot_all, plot_rank_sweep  # noqa: E402
 from hybrid_lora.results import load_sweeps, rank_table, read_json, run_dir, write_json_atomic  # noqa: E402
 from hybrid_lora.train import run_experiment  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
+from conftest import tiny_config, write_fake_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +21,14 @@ def swept(tmp_path_factory):
     for method in ("lora", "dylora_nested"):
         for seed in (1, 2):
             d = out / method / f"seed{seed}"
-            write_json_atomic(d / "config.json", {"method": method, "seed": seed})
-            write_json_atomic(d / "history.json", [
+            history = [
                 {"stage": st, "epoch": 1, "rank": 4, "train_ce": 5.0, "train_order": 0.0, "train_dc": 0.0,
                  "eval_loss": 5.0, "eval_acc": 0.1, "cos_to_stage1": None if st == 1 else 0.9,
-                 "trainable_params": 10, "seconds": 1.0} for st in (1, 2)])
+                 "trainable_params": 10, "seconds": 1.0} for st in (1, 2)]
             ev = {"loss": 5.0, "acc": 0.1}
-            write_json_atomic(d / "metrics.json", {k: ev for k in ("A_base", "B_base", "A_after_stage1",
-                                                                   "A_after_stage2", "B_after_stage2")}
-                              | {"retention": 1.0, "delta_loss_A": 0.0, "gain_retained": 1.0})
+            write_fake_run(d, method, seed, {k: ev for k in ("A_base", "B_base", "A_after_stage1",
+                                                             "A_after_stage2", "B_after_stage2")}
+                           | {"retention": 1.0, "delta_loss_A": 0.0, "gain_retained": 1.0}, history)
             rows = [{"adapter": "final", "adapter_rank": 4, "domain": "B", "kind": kind,
                      "scaling": "preserve", "rank": k, "loss": 5.0 - 0.5 * k / 4,
                      "acc": 0.1 + 0.1 * k / 4 + seed / 100 * (k == 2)}

@@ -1,0 +1,138 @@
+"""What a stage t >= 2 is trained against: the adapters saved after earlier stages.
+
+Everything here is rebuilt from the run folder's `adapter_stage<k>` files at the start of a
+stage, so a fresh run and one resumed mid-stage set up the same references.
+
+- `StageReference`: the previous adapter's factors (DC, L2, cosine), the EWC anchor and
+  diagonal Fisher, and the earlier adapters' A matrices (O-LoRA).
+- `regularizer_terms`: the method's lambda-weighted terms as closures of the live factors.
+- `stage_model`: the model a stage starts from under freeze-and-add ("add") or "reset".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from .adapters import (_quiet_peft, build_base_model, build_model, flatten_factors, load_adapter,
+                       load_tokenizer, lora_config, lora_factors, snapshot_factors)
+from .cl_losses import dc_delta_w, dc_per_module, delta_w_l2, ewc_penalty, module_vectors, olora_penalty
+from .config import ExperimentConfig
+from .evaluate import autocast
+from .losses import causal_lm_sums, domain_correlation_loss
+from .methods import Method
+
+
+def adapter_dir(run: Path, stage: int, n_stages: int) -> Path:
+    """Where the adapter after `stage` is saved: adapter_stage<k>, the last one adapter_final."""
+    return Path(run) / ("adapter_final" if stage == n_stages else f"adapter_stage{stage}")
+
+
+@dataclass
+class StageReference:
+    factors: list | None = None   # [(A, B)] after the previous stage, detached
+    scalings: list | None = None  # their PEFT scalings (alpha / r)
+    fisher: list | None = None    # EWC: diagonal Fisher per LoRA tensor [A1, B1, A2, ...]
+    old_a: list | None = None     # O-LoRA: per module, the earlier adapters' A rows stacked [sum r, in]
+
+
+def fisher_diagonal(model, dataset, n: int, amp_dtype=None) -> list[torch.Tensor]:
+    """Mean over the first `n` sequences of `dataset` of g * g, g the gradient of the sequence's
+    mean token cross-entropy w.r.t. each LoRA tensor (order A1, B1, A2, B2, ...). Eval mode
+    (no dropout); one sequence per backward pass, so each g is a per-sequence gradient."""
+    params = [t for _, a, b, _ in lora_factors(model) for t in (a, b)]
+    fisher = [torch.zeros_like(p) for p in params]
+    device = params[0].device
+    n = min(n, len(dataset))
+    was_training = model.training
+    model.eval()
+    with torch.enable_grad():
+        for j in range(n):
+            input_ids, mask, labels = (t[None].to(device) for t in dataset[j])
+            with autocast(device, amp_dtype):
+                logits = model(input_ids=input_ids, attention_mask=mask).logits
+            ce, tokens, _ = causal_lm_sums(logits, labels, with_hits=False)
+            grads = torch.autograd.grad(ce / tokens.clamp(min=1), params)
+            for f, g in zip(fisher, grads):
+                f += g.float().square()
+    model.train(was_training)
+    return [f / max(n, 1) for f in fisher]
+
+
+def stage_reference(cfg: ExperimentConfig, method: Method, run: Path, stage: int, train_sets,
+                    device, amp_dtype=None) -> StageReference | None:
+    """The references stage `stage` needs, loaded from the run's saved adapters (None in Stage 1)."""
+    if stage == 1:
+        return None
+    n = len(cfg.domains)
+    prev_model = load_adapter(cfg, adapter_dir(run, stage - 1, n), device)
+    ref = StageReference(factors=snapshot_factors(prev_model),
+                         scalings=[s for *_, s in lora_factors(prev_model)])
+    if method.penalty == "ewc":  # online EWC: the Fisher of every earlier domain at its own adapter
+        ref.fisher = None
+        for k in range(1, stage):
+            model_k = prev_model if k == stage - 1 else load_adapter(cfg, adapter_dir(run, k, n), device,
+                                                                    trainable=True)
+            model_k.requires_grad_(False)
+            for _, a, b, _ in lora_factors(model_k):
+                a.requires_grad_(True), b.requires_grad_(True)
+            f_k = fisher_diagonal(model_k, train_sets[k - 1], cfg.ewc_samples, amp_dtype)
+            ref.fisher = f_k if ref.fisher is None else [f + g for f, g in zip(ref.fisher, f_k)]
+    if method.penalty == "olora":
+        per_stage = [[a for a, _ in snapshot_factors(load_adapter(cfg, adapter_dir(run, k, n), device))]
+                     for k in range(1, stage)]
+        ref.old_a = [torch.cat(rows, dim=0) for rows in zip(*per_stage)]
+    return ref
+
+
+def regularizer_terms(cfg: ExperimentConfig, method: Method, stage: int, factors, rank: int,
+                      ref: StageReference | None) -> dict:
+    """{"dc": f, "penalty": f} for the terms on in `stage`, each f() the lambda-weighted value
+    at the live `factors` ([(A, B)]). Set up once per (re)build: frozen vectors cut to `rank`
+    here, not per step."""
+    terms = {}
+    _, lam_dc = method.lambdas(cfg, stage)
+    if lam_dc:
+        prev = ref.factors
+        if cfg.dc_variant == "global":  # live vector: the gradient reaches the LoRA weights (defect 1)
+            w_prev = flatten_factors(prev, rank)
+            terms["dc"] = lambda: domain_correlation_loss(w_prev, flatten_factors(factors), lam_dc)
+        elif cfg.dc_variant == "per_module":
+            vecs = module_vectors([(a[:rank], b[:, :rank]) for a, b in prev])
+            terms["dc"] = lambda: dc_per_module(factors, vecs, lam_dc)
+        else:
+            terms["dc"] = lambda: dc_delta_w(factors, prev, lam_dc)  # B A of any rank
+    lam = method.penalty_lambda(cfg, stage)
+    if lam and method.penalty == "l2":
+        prev, scalings = ref.factors, ref.scalings
+        terms["penalty"] = lambda: lam * delta_w_l2(factors, prev, scalings)
+    elif lam and method.penalty == "ewc":
+        anchors = [t for ab in ref.factors for t in ab]
+        if [t.shape for t in anchors] != [t.shape for ab in factors for t in ab]:
+            raise ValueError("EWC needs the same LoRA rank as the previous stage's adapter")
+        terms["penalty"] = lambda: lam * sum(ewc_penalty(t, t0, f) for t, t0, f in
+                                             zip((t for ab in factors for t in ab), anchors, ref.fisher))
+    elif lam and method.penalty == "olora":
+        old_a = ref.old_a
+        terms["penalty"] = lambda: lam * olora_penalty([a for a, _ in factors], old_a)
+    return terms
+
+
+def stage_model(cfg: ExperimentConfig, method: Method, run: Path, stage: int, device):
+    """The model stage `stage` >= 2 starts from when `method.adapter` is "add" (the base with
+    the adapters of stages 1..stage-1 merged in, plus a new LoRA) or "reset" (the base plus a
+    new LoRA). The new LoRA's A is drawn from the global RNG (seed it first)."""
+    if method.adapter == "reset":
+        return build_model(cfg, device, r=method.train_rank(cfg))[0]
+    tok = load_tokenizer(cfg)
+    base = build_base_model(cfg, vocab_size=len(tok)).to(device)
+    for k in range(1, stage):
+        from peft import PeftModel
+        with _quiet_peft():
+            base = PeftModel.from_pretrained(base, str(adapter_dir(run, k, len(cfg.domains))))
+        base = base.merge_and_unload()  # W <- W + s B A, then a plain module again
+    base.requires_grad_(False)
+    with _quiet_peft():
+        return get_peft_model(base, lora_config(cfg, r=method.train_rank(cfg))).to(device)

@@ -1,0 +1,295 @@
+"""Domain sequences, continual-learning baselines in the pipeline, shared Stage 1, CL tables."""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import hybrid_lora.train as train_mod
+from hybrid_lora import ExperimentConfig
+from hybrid_lora.adapters import build_base_model, load_adapter, load_tokenizer, lora_factors
+from hybrid_lora.cl_results import (bootstrap_counts, cl_table, paired_bootstrap_stat, sweep_name)
+from hybrid_lora.config import CL_METHODS, SEQUENCES, from_preset
+from hybrid_lora.continual import fisher_diagonal
+from hybrid_lora.data import hub_source, load_texts, make_loaders, stage_train_set, tokenize
+from hybrid_lora.evaluate import evaluate_loss_and_token_acc
+from hybrid_lora.results import SEQUENCES_FILE, load_summary, read_json, run_dir
+from hybrid_lora.train import run_experiment, run_lambda_sweep
+
+from conftest import tiny_config
+
+THREE = ("imdb", "code", "yelp")
+
+
+def three_stage(**changes) -> ExperimentConfig:
+    """Three built-in domains, 1 epoch each, fixed rank 8; dropout 0 where exactness matters."""
+    return tiny_config(domains=THREE, epochs_stage2=1, rank_schedule=(8,), **changes)
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("three")
+    cfg = three_stage(lambda_l2=1.0, lambda_ewc=100.0, lambda_olora=1.0, lambda_dc=1.0)
+    methods = ("lora", "dc", "hybrid") + CL_METHODS
+    return cfg, out, {m: run_experiment(cfg, m, 42, out, progress=False) for m in methods}
+
+
+def test_a_three_stage_sequence_runs_end_to_end_for_every_method(three_runs):
+    cfg, out, results = three_runs
+    for method, res in results.items():
+        rd = run_dir(out, method, 42)
+        m = res["metrics"]
+        assert res["complete"] and m["R"]["domains"] == list(THREE)
+        assert len(m["R"]["loss"]) == 4 and all(len(row) == 3 for row in m["R"]["loss"])  # t = 0..3
+        assert [(h["stage"], h["epoch"]) for h in res["history"]] == [(1, 1), (2, 1), (3, 1)]
+        for name in ("adapter_stage1", "adapter_stage2", "adapter_final"):
+            assert (rd / name / "adapter_model.safetensors").exists(), (method, name)
+        seq = read_json(rd / SEQUENCES_FILE)
+        for t in range(4):  # the per-sequence sums add up to every entry of R
+            for i in range(3):
+                e = seq["R"][t][i]
+                assert len(e["nll"]) == cfg.n_eval
+                assert sum(e["nll"]) / sum(e["tokens"]) == pytest.approx(m["R"]["loss"][t][i], rel=1e-6)  # fp32 sums
+                assert sum(e["hits"]) / sum(e["tokens"]) == pytest.approx(m["R"]["acc"][t][i], rel=1e-12)
+        assert "A_after_stage2" not in m  # the two-domain keys would be ambiguous here
+    # the base row is the same base model for every method; Stage 1 is shared where it is the same
+    assert len({json.dumps(r["metrics"]["R"]["loss"][0]) for r in results.values()}) == 1
+    stage1 = {m: json.dumps(r["metrics"]["R"]["loss"][1]) for m, r in results.items()}
+    assert len({stage1[m] for m in results if m not in ("hybrid",)}) == 1
+    assert stage1["hybrid"] != stage1["lora"]  # ordering term in Stage 1
+
+
+def test_each_regularizer_acts_and_changes_the_result(three_runs):
+    _, _, results = three_runs
+    final = {m: r["metrics"]["R"]["loss"][3] for m, r in results.items()}
+    for method, column in (("dc", "dc"), ("l2", "penalty"), ("ewc", "penalty"), ("olora", "penalty")):
+        later = [h for h in results[method]["history"] if h["stage"] > 1]
+        assert all(h[f"{column}_grad_norm"] > 0 and h[f"{column}_end"] > 0 for h in later), method
+        assert final[method] != final["lora"], method
+    for method in ("lora", "replay", "joint", "freeze_add", "single"):
+        assert all(h["penalty_end"] is None and h["dc_end"] is None for h in results[method]["history"])
+    for method in CL_METHODS + ("lora",):
+        if method not in ("l2", "ewc", "olora"):
+            assert all(h["train_penalty"] == 0 for h in results[method]["history"])
+
+
+def test_single_trains_each_domain_alone(three_runs):
+    """"single" starts every stage from the base model: its R row t on domains other than t and
+    the earlier ones equals the base model exactly where the new adapter starts (B = 0)."""
+    cfg, out, results = three_runs
+    tok = load_tokenizer(cfg)
+    eval_code = make_loaders(cfg, tok, "code", 42)[1]
+    model = load_adapter(cfg, run_dir(out, "single", 42) / "adapter_stage2")  # trained on code only
+    ev = evaluate_loss_and_token_acc(model, eval_code)
+    assert ev["loss"] == pytest.approx(results["single"]["metrics"]["R"]["loss"][2][1], rel=1e-6)
+
+
+def test_freeze_and_add_final_model_is_base_plus_every_stage_adapter(three_runs):
+    """Independent reconstruction: W = W0 + sum over stages of s_k B_k A_k, written into a plain
+    GPT-2 base by hand, evaluates exactly like the pipeline's final model."""
+    cfg, out, results = three_runs
+    for method in ("freeze_add", "olora"):
+        rd = run_dir(out, method, 42)
+        tok = load_tokenizer(cfg)
+        base = build_base_model(cfg, vocab_size=len(tok))
+        mods = dict(base.named_modules())
+        with torch.no_grad():
+            for name in ("adapter_stage1", "adapter_stage2", "adapter_final"):
+                for mod_name, a, b, s in lora_factors(load_adapter(cfg, rd / name)):
+                    conv = mods[mod_name.split("base_model.model.", 1)[1]]
+                    conv.weight += s * (b @ a).T  # Conv1D stores W as [in, out]
+        for i, domain in enumerate(THREE):
+            ev = evaluate_loss_and_token_acc(base, make_loaders(cfg, tok, domain, 42)[1])
+            assert ev["loss"] == pytest.approx(results[method]["metrics"]["R"]["loss"][3][i], rel=1e-5)
+        # the first domain after Stage 1 is kept better by a frozen adapter than by no adapter at all
+        assert results[method]["metrics"]["R"]["loss"][3][0] != results[method]["metrics"]["R"]["loss"][0][0]
+
+
+def test_shared_stage1_gives_the_numbers_of_training_it_again(tmp_path, three_runs):
+    cfg, out, results = three_runs
+    assert read_json(run_dir(out, "l2", 42) / "stage1.json")["copied_from"] in ("lora/seed42", "dc/seed42")
+    alone = run_experiment(dataclasses.replace(cfg, share_stage1=False), "l2", 42, tmp_path, progress=False)
+    assert "copied_from" not in read_json(run_dir(tmp_path, "l2", 42) / "stage1.json")
+    assert alone["metrics"] == results["l2"]["metrics"]
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(alone["history"]) == strip(results["l2"]["history"])
+    for name in ("adapter_stage1", "adapter_final"):
+        assert ((tmp_path / "l2/seed42" / name / "adapter_model.safetensors").read_bytes()
+                == (out / "l2/seed42" / name / "adapter_model.safetensors").read_bytes())
+
+
+def test_stage1_is_shared_only_under_the_same_stage1_settings(tmp_path, monkeypatch):
+    cfg = three_stage(replay_fraction=0.25)  # 4 samples of each earlier domain: 16 + 4, 16 + 8
+    run_experiment(cfg, "lora", 42, tmp_path, progress=False)
+    calls = [0]
+    real = train_mod.causal_lm_sums
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "causal_lm_sums", counted)
+    run_experiment(cfg, "replay", 42, tmp_path, progress=False)
+    assert calls[0] == 5 + 6  # batches of 4: Stage 1 copied, Stages 2 and 3 trained
+    calls[0] = 0
+    run_experiment(dataclasses.replace(cfg, lora_dropout=0.2), "replay", 42, tmp_path / "other", progress=False)
+    run_experiment(dataclasses.replace(cfg, lora_dropout=0.2), "lora", 42, tmp_path / "other", progress=False)
+    assert calls[0] == (4 + 5 + 6) + (4 + 4)  # another dropout: Stage 1 trained again, then shared
+    assert "copied_from" not in read_json(run_dir(tmp_path / "other", "replay", 42) / "stage1.json")
+
+
+def test_replay_and_joint_training_sets(cfg):
+    cfg = dataclasses.replace(cfg, domains=THREE, n_train=100, replay_fraction=0.05, epochs_stage2=1,
+                              rank_schedule=(8,))
+    tok = load_tokenizer(cfg)
+    sets = [make_loaders(cfg, tok, d, 0)[0].dataset for d in THREE]
+    current, length = stage_train_set(cfg, sets, 3, "current")
+    assert current is sets[2] and length is None
+    replay, length = stage_train_set(cfg, sets, 3, "replay")
+    assert len(replay) == 100 + 5 + 5 and length is None
+    rows = {tuple(replay[j][0].tolist()) for j in range(100, 110)}
+    earlier = {tuple(x.tolist()) for ds in sets[:2] for x in ds.tensors[0]}
+    assert rows <= earlier and len(rows) == 10  # ten distinct samples of the two earlier domains
+    again, _ = stage_train_set(cfg, sets, 3, "replay")
+    assert [again[j][0].tolist() for j in range(100, 110)] == [replay[j][0].tolist() for j in range(100, 110)]
+    joint, length = stage_train_set(cfg, sets, 2, "joint")
+    assert len(joint) == 200 and length == 100  # the union, epochs as long as one domain's
+    assert stage_train_set(cfg, sets, 1, "joint")[0] is sets[0]
+    with pytest.raises(ValueError, match="data='mixed'"):
+        stage_train_set(cfg, sets, 2, "mixed")
+
+
+def test_fisher_matches_per_sequence_backward_reference(cfg):
+    from hybrid_lora.adapters import build_model
+    from hybrid_lora.losses import causal_lm_sums
+    from conftest import randomize_lora
+
+    cfg = dataclasses.replace(cfg, lora_dropout=0.0)
+    model, tok = build_model(cfg)
+    randomize_lora(model, seed=3, scale=0.1)
+    data = make_loaders(cfg, tok, "imdb", 0)[0].dataset
+    fisher = fisher_diagonal(model, data, 5)
+    params = [t for _, a, b, _ in lora_factors(model) for t in (a, b)]
+    ref = [torch.zeros_like(p) for p in params]
+    model.eval()  # the base model's own dropout off, as in fisher_diagonal
+    for j in range(5):  # slow reference: .backward() per sequence, read .grad
+        model.zero_grad()
+        ids, mask, labels = (t[None] for t in data[j])
+        ce, n, _ = causal_lm_sums(model(input_ids=ids, attention_mask=mask).logits, labels)
+        (ce / n).backward()
+        for r, p in zip(ref, params):
+            r += p.grad.square() / 5
+    for f, r in zip(fisher, ref):
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-12)
+
+
+def test_bootstrap_counts_and_stat_against_a_loop():
+    w = bootstrap_counts(7, 50, seed=1)
+    idx = np.random.default_rng(1).integers(0, 7, size=(50, 7))
+    assert (w.sum(1) == 7).all() and (w[3] == np.bincount(idx[3], minlength=7)).all()
+    nll, tok = np.arange(1.0, 8.0), np.array([2, 1, 3, 1, 2, 2, 1], dtype=float)
+    point, lo, hi = paired_bootstrap_stat(lambda w: (w @ nll) / (w @ tok), 7, n_boot=500, seed=2)
+    assert point == pytest.approx(nll.sum() / tok.sum())
+    ref = [nll[i].sum() / tok[i].sum() for i in np.random.default_rng(2).integers(0, 7, size=(500, 7))]
+    assert (lo, hi) == pytest.approx((np.quantile(ref, 0.025), np.quantile(ref, 0.975)))
+
+
+def _fake_run(out, run, method, seed, R_nll, tokens, lam=None, extra=None):
+    """A finished run folder with hand-written per-sequence sums R_nll[t][i] (lists of floats)."""
+    from hybrid_lora.results import cl_metrics, write_json_atomic
+
+    d = run_dir(out, run, seed)
+    loss = [[sum(e) / sum(tokens) for e in row] for row in R_nll]
+    acc = [[0.1 + 0.1 * t + 0.01 * i for i in range(len(row))] for t, row in enumerate(R_nll)]
+    cfg = {**ExperimentConfig.smoke().to_dict(), "method": method, "seed": seed, **(extra or {})}
+    write_json_atomic(d / "config.json", cfg)
+    write_json_atomic(d / "history.json", [{"seconds": 1.0}])
+    m = {"R": {"domains": ["imdb", "yelp"], "loss": loss, "acc": acc}, **cl_metrics(acc, loss)}
+    write_json_atomic(d / "metrics.json", m)
+    write_json_atomic(d / SEQUENCES_FILE, {"domains": ["imdb", "yelp"], "R": [
+        [{"nll": e, "tokens": tokens, "hits": [1] * len(e)} for e in row] for row in R_nll]})
+
+
+def test_cl_table_against_hand_computed_differences(tmp_path):
+    tokens = [10, 10, 10, 10]
+    base = [[50.0] * 4, [80.0] * 4]
+    for seed, bump in ((1, 0.0), (2, 1.0)):
+        after1 = [[40.0 + bump] * 4, [78.0] * 4]
+        # R rows: t = 0 base, t = 1 after Stage 1, t = 2 after Stage 2; columns imdb, yelp
+        _fake_run(tmp_path, "lora", "lora", seed, [base, after1, [[46.0, 47.0, 45.0, 46.0], [60.0] * 4]], tokens)
+        _fake_run(tmp_path, "l2", "l2", seed, [base, after1, [[41.0 + bump] * 4, [70.0] * 4]], tokens,
+                  extra={"lambda_l2": 0.5})
+        _fake_run(tmp_path, "single", "single", seed, [base, after1, [base[0], [50.0] * 4]], tokens)
+    table = cl_table(tmp_path, n_boot=200)
+    # forgetting of lora, seed 1: 4.6 - 4.0 = 0.6; seed 2: 4.6 - 4.1 = 0.5 -> mean 0.55
+    assert table.loc["lora", "delta_loss_first"] == pytest.approx(0.55)
+    assert table.loc["l2", "delta_loss_first"] == pytest.approx(0.1)
+    assert table.loc["l2", "lambda"] == 0.5 and math.isnan(table.loc["lora", "lambda"])
+    # l2 - lora: seed 1: 0.1 - 0.6; seed 2: 0.1 - 0.5 -> -0.45; every resample is below 0
+    assert table.loc["l2", "d_forget"] == pytest.approx(-0.45)
+    assert table.loc["l2", "d_forget_hi"] < 0 and table.loc["l2", "forgets_less"]
+    assert table.loc["l2", "d_new_loss"] == pytest.approx(7.0 - 6.0)
+    assert not table.loc["lora", "forgets_less"] and math.isnan(table.loc["lora", "d_forget"])
+    # new gain: base 8.0 - final; plasticity: acc gain over single's (same fake acc -> 1)
+    assert table.loc["l2", "new_gain"] == pytest.approx(1.0)
+    assert table.loc["l2", "plasticity_new"] == pytest.approx(1.0)
+    summary = load_summary(tmp_path)
+    assert set(summary["run"]) == {"lora", "l2", "single"}
+    # the CLI: `table` writes the same table; `plot --only pareto` draws just that figure
+    from hybrid_lora.cli import main
+
+    assert main(["table", "--results", str(tmp_path), "--n-boot", "200"]) == 0
+    import pandas as pd
+    written = pd.read_csv(tmp_path / "cl_table.csv", index_col="run")
+    assert written.loc["l2", "d_forget"] == pytest.approx(-0.45)
+    assert main(["plot", "--results", str(tmp_path), "--images", str(tmp_path / "img"), "--only", "pareto"]) == 0
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["pareto.png"]
+
+
+def test_cli_lambdas_are_parsed_and_bad_ones_named():
+    from hybrid_lora.cli import parse_lambdas
+
+    assert parse_lambdas(["dc=0.1,1", "ewc=1e4"]) == {"dc": (0.1, 1.0), "ewc": (1e4,)}
+    with pytest.raises(ValueError, match="'dcc=1'"):
+        parse_lambdas(["dcc=1"])
+    with pytest.raises(ValueError, match="'a,b' is not a list of numbers"):
+        parse_lambdas(["l2=a,b"])
+
+
+def test_lambda_sweep_runs_are_named_and_share_stage1(tmp_path):
+    cfg = dataclasses.replace(three_stage(), domains=("imdb", "code"), seeds=(42,))
+    names = run_lambda_sweep(cfg, tmp_path, "l2", (cfg.lambda_l2, 0.5))
+    assert names == ["l2", sweep_name("l2", 0.5)] == ["l2", "l2_lam0.5"]
+    saved = read_json(run_dir(tmp_path, "l2_lam0.5", 42) / "config.json")
+    assert saved["lambda_l2"] == 0.5 and saved["method"] == "l2"
+    assert read_json(run_dir(tmp_path, "l2_lam0.5", 42) / "stage1.json")["copied_from"] == "l2/seed42"
+    with pytest.raises(ValueError, match="'lora' has no lambda"):
+        run_lambda_sweep(cfg, tmp_path, "lora", (1.0,))
+
+
+def test_sequences_presets_and_domain_validation():
+    assert SEQUENCES["imdb-code-yelp"] == ("imdb", "code", "yelp")
+    cfg = from_preset("forgetting", sequence="code-imdb", data_dir="/data")
+    assert cfg.domains == ("code", "imdb") and cfg.data_source == "local" and "joint" in cfg.methods
+    assert from_preset("smoke", sequence="imdb-code").domains == ("imdb", "code")
+    with pytest.raises(ValueError, match="sequence='imdb-news'"):
+        from_preset("forgetting", sequence="imdb-news")
+    with pytest.raises(ValueError, match="domains=\\('imdb',\\)"):
+        dataclasses.replace(ExperimentConfig.smoke(), domains=("imdb",))
+    with pytest.raises(ValueError, match="unknown hub domain 'news'"):
+        dataclasses.replace(ExperimentConfig(), domains=("imdb", "news"))
+    ok = dataclasses.replace(ExperimentConfig(), domains=("imdb", "ag_news:text", "wikitext@wikitext-2-raw-v1:text"))
+    assert ok.domains[2].endswith(":text")
+    assert hub_source("wikitext@wikitext-2-raw-v1:text") == ("wikitext", "wikitext-2-raw-v1", "train", "test", "text")
+    assert hub_source("ag_news:text")[:2] == ("ag_news", None)
+    assert hub_source("yelp")[0] == "yelp_polarity"
+    with pytest.raises(ValueError, match="replay_fraction=1.5"):
+        dataclasses.replace(ExperimentConfig(), replay_fraction=1.5)
+
+
+def test_builtin_code_domain_is_python(cfg):
+    train, test = load_texts(dataclasses.replace(cfg, domains=("imdb", "code")), "code")
+    assert all(t.startswith("def ") and "return" in t for t in train + test)
+    compile(train[0], "<builtin>", "exec")  # valid Python source
