@@ -70,7 +70,7 @@ def bootstrap_vs_baseline(out: str | Path, run: str, seeds, quantity: str, basel
 
 def cl_table(out: str | Path, baseline: str = BASELINE, n_boot: int = 2000, level: float = 0.95):
     """One row per run name under `out` (methods, and each lambda of a sweep): method, lambda,
-    n_seeds, mean and s.d. over seeds of TABLE_KEYS, and for every run but the baseline the
+    variant (the DC variant, "" without DC), n_seeds, mean and s.d. over seeds of TABLE_KEYS, and for every run but the baseline the
     difference from `baseline` (seeds both have, with eval_sequences.json) in forgetting on the first domain
     (`d_forget`, nats/token) and in final loss on the new domain (`d_new_loss`), with the
     paired bootstrap interval (`*_lo`, `*_hi`). `forgets_less` is True when the whole interval
@@ -87,7 +87,7 @@ def cl_table(out: str | Path, baseline: str = BASELINE, n_boot: int = 2000, leve
         group = group.copy()
         group["plasticity_new"] = [_plasticity(out, run, s, ref) for s in group["seed"]]
         row = {"run": run, "method": group["method"].iloc[0], "lambda": group["lambda"].iloc[0],
-               "n_seeds": group["seed"].nunique()}
+               "variant": group["variant"].iloc[0], "n_seeds": group["seed"].nunique()}
         for k in TABLE_KEYS:
             row[k], row[f"{k}_sd"] = group[k].mean(), group[k].std()
         seeds = [s for s in sorted(set(group["seed"]) & set(summary.loc[summary["run"] == baseline, "seed"]))

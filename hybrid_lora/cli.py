@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="base model: hub name or local folder")
     run.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                      help="override any ExperimentConfig field, e.g. --set lambda_dc=0.5 rank_schedule=8,4,2")
+    run.add_argument("--suffix", default="", help="run folders <method><SUFFIX>, e.g. --suffix _delta_w "
+                                                   "with --set dc_variant=delta_w beside the default runs")
     run.add_argument("--out", required=True, help="results folder")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     plot = sub.add_parser("plot", help="redraw every figure of a results folder (no training, no GPU)")
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     from .train import run_all  # heavy imports only once the arguments are good
 
-    rows = run_all(cfg, args.out, progress=not args.no_progress, lambdas=lambdas)
+    rows = run_all(cfg, args.out, progress=not args.no_progress, lambdas=lambdas, suffix=args.suffix)
     print(format_table(rows))
     print(f"results: {args.out}/<method>/seed<k>/ ; summary: {args.out}/summary.csv")
     return 0

@@ -135,14 +135,17 @@ def plot_rank_sweep(sweeps, adapter: str = "final", domain: str = "B"):
 def plot_pareto(table, title: str = ""):
     """Forgetting on the first domain (y) versus gain on the new domain (x), one point per row
     of `cl_results.cl_table` (a method, or one lambda of a sweep), error bars = s.d. over seeds;
-    the lambdas of one method are joined by a line and labelled. Lower right is better."""
+    the lambdas of one method (and DC variant) are joined by a line and labelled. Lower right is
+    better."""
     if table.empty:
         raise ValueError("empty table: no runs to plot")
-    present = list(dict.fromkeys(table["method"]))
-    methods = [m for m in METHOD_NAMES if m in present] + [m for m in present if m not in METHOD_NAMES]
+    label = table["method"] + table["variant"].map(
+        lambda v: f" ({v})" if isinstance(v, str) and v not in ("", "global") else "")
+    present = list(dict.fromkeys(label))
+    methods = sorted(present, key=lambda m: METHOD_NAMES.index(m.split()[0]) if m.split()[0] in METHOD_NAMES else 99)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, method in enumerate(methods):
-        rows = table[table["method"] == method].sort_values("lambda")
+        rows = table[label == method].sort_values("lambda")
         ax.errorbar(rows["new_gain"], rows["delta_loss_first"], xerr=rows["new_gain_sd"].fillna(0.0),
                     yerr=rows["delta_loss_first_sd"].fillna(0.0), color=f"C{i % 10}",
                     marker="os^vD<>ph*"[i % 10], ms=6, capsize=3, ls="-" if len(rows) > 1 else "none",

@@ -39,7 +39,7 @@ SWEEP_COLUMNS = ("adapter", "adapter_rank", "domain", "kind", "scaling", "rank",
 # From R, for any number of stages T: "first" is the Stage-1 domain, "new" the last stage's.
 CL_KEYS = ("avg_final_acc", "bwt", "forgetting_first", "delta_loss_first", "delta_ppl_first",
            "gain_retained_first", "forgetting_mean", "delta_loss_mean", "new_gain", "new_acc")
-SUMMARY_COLUMNS = (("run", "method", "seed", "domains", "lambda")
+SUMMARY_COLUMNS = (("run", "method", "seed", "domains", "lambda", "variant")
                    + tuple(f"{k}_{m}" for k in EVAL_KEYS for m in ("loss", "acc"))
                    + DERIVED_KEYS + CL_KEYS + SWEEP_KEYS + ("seconds",))
 
@@ -127,11 +127,18 @@ def run_lambda(cfg: dict) -> float:
     return cfg[LAMBDA_FIELDS[reg]] if reg else math.nan
 
 
+def run_variant(cfg: dict) -> str:
+    """The DC variant of a method with the DC loss ("global", "per_module", "delta_w"), else ""."""
+    from .methods import get_method
+
+    return cfg.get("dc_variant", "global") if get_method(cfg["method"]).dc else ""
+
+
 def summary_row(run: Path) -> dict:
     """One summary-table row from a finished run folder."""
     cfg, m = read_json(run / "config.json"), read_json(run / "metrics.json")
     row = {"run": run.parent.name, "method": cfg["method"], "seed": cfg["seed"],
-           "domains": ">".join(cfg["domains"]), "lambda": run_lambda(cfg)}
+           "domains": ">".join(cfg["domains"]), "lambda": run_lambda(cfg), "variant": run_variant(cfg)}
     for k in EVAL_KEYS:
         row[f"{k}_loss"], row[f"{k}_acc"] = (m[k]["loss"], m[k]["acc"]) if k in m else (math.nan,) * 2
     row.update({k: m.get(k, math.nan) for k in DERIVED_KEYS})

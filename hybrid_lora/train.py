@@ -394,36 +394,37 @@ def _with_factors(model, source):
 
 
 def run_all(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
-            lambdas: dict[str, tuple[float, ...]] | None = None) -> list[dict]:
+            lambdas: dict[str, tuple[float, ...]] | None = None, suffix: str = "") -> list[dict]:
     """Every method in `cfg.methods` x seed in `cfg.seeds` (complete runs skipped, interrupted
     ones resumed), then the lambda sweeps `lambdas` ({method: (lambda, ...)}, see
-    `run_lambda_sweep`); rebuilds summary.csv; returns its rows for these runs."""
+    `run_lambda_sweep`); rebuilds summary.csv; returns its rows for these runs. A `suffix`
+    names the run folders `<method><suffix>` (e.g. "_delta_w" for another dc_variant)."""
     names = []
     for method in cfg.methods:
         for seed in cfg.seeds:
-            done = (run_dir(out_dir, method, seed) / "metrics.json").exists()
+            done = (run_dir(out_dir, method + suffix, seed) / "metrics.json").exists()
             if done and progress:
-                tqdm.write(f"{method} seed {seed}: complete in {out_dir}, skipped")
-            run_experiment(cfg, method, seed, out_dir, progress=progress)
-        names.append(method)
+                tqdm.write(f"{method + suffix} seed {seed}: complete in {out_dir}, skipped")
+            run_experiment(cfg, method, seed, out_dir, progress=progress, name=method + suffix)
+        names.append(method + suffix)
     for method, values in (lambdas or {}).items():
-        names += run_lambda_sweep(cfg, out_dir, method, values, progress)
+        names += run_lambda_sweep(cfg, out_dir, method, values, progress, suffix)
     write_summary(out_dir)
     return [summary_row(run_dir(out_dir, name, s)) for name in names for s in cfg.seeds]
 
 
 def run_lambda_sweep(cfg: ExperimentConfig, out_dir: str | Path, method: str, values,
-                     progress: bool = True) -> list[str]:
+                     progress: bool = True, suffix: str = "") -> list[str]:
     """`method` at each lambda of its regularizer (lambda_dc, lambda_l2, lambda_ewc or
-    lambda_olora) x every seed, in `<out>/<method>_lam<value>/`; a value equal to cfg's own is
-    the plain `<out>/<method>/` run. Returns the run names. Stage 1 is shared between them."""
+    lambda_olora) x every seed, in `<out>/<method><suffix>_lam<value>/`; a value equal to cfg's
+    own is the plain `<out>/<method><suffix>/` run. Returns the run names. Stage 1 is shared."""
     reg = get_method(method).regularizer()
     if reg is None:
         raise ValueError(f"method {method!r} has no lambda-weighted regularizer to sweep; "
                          f"sweepable: {[m for m in METHOD_NAMES if get_method(m).regularizer()]}")
     field, names = LAMBDA_FIELDS[reg], []
     for lam in values:
-        name = method if lam == getattr(cfg, field) else sweep_name(method, lam)
+        name = method + suffix if lam == getattr(cfg, field) else sweep_name(method + suffix, lam)
         for seed in cfg.seeds:
             run_experiment(dataclasses.replace(cfg, **{field: float(lam)}), method, seed, out_dir,
                            progress=progress, name=name)

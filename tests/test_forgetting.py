@@ -267,6 +267,14 @@ def test_lambda_sweep_runs_are_named_and_share_stage1(tmp_path):
     assert read_json(run_dir(tmp_path, "l2_lam0.5", 42) / "stage1.json")["copied_from"] == "l2/seed42"
     with pytest.raises(ValueError, match="'lora' has no lambda"):
         run_lambda_sweep(cfg, tmp_path, "lora", (1.0,))
+    # another DC variant beside the default runs: its own folders, and a `variant` column
+    from hybrid_lora.train import run_all
+
+    variant = dataclasses.replace(cfg, methods=("dc",), dc_variant="delta_w")
+    rows = run_all(variant, tmp_path, progress=False, lambdas={"dc": (2.0,)}, suffix="_delta_w")
+    assert [r["run"] for r in rows] == ["dc_delta_w", "dc_delta_w_lam2"]
+    assert [r["variant"] for r in rows] == ["delta_w", "delta_w"] and rows[1]["lambda"] == 2.0
+    assert set(load_summary(tmp_path)["variant"]) == {"", "delta_w"}
 
 
 def test_sequences_presets_and_domain_validation():

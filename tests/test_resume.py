@@ -49,7 +49,7 @@ def finished_files(out, method: str, seed: int = 42) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    methods = ("hybrid", "lora", "hybrid_nested")
+    methods = ("hybrid", "lora", "hybrid_nested", "freeze_add", "ewc", "olora")
     for method in methods:
         run_experiment(config(), method, 42, out, progress=False)
     return {m: finished_files(out, m) for m in methods}
@@ -63,6 +63,9 @@ CASES = [
     ("hybrid", [3, 6], [2, 1, 2]),     # interrupted twice; the second time 2 + 6 steps in
     ("lora", [15], [2, 3, 2]),         # last epoch, rank 2
     ("hybrid_nested", [11], [2, 2, 2]),  # DyLoRA's sampled ranks continue where they stopped
+    ("freeze_add", [7], [2, 1, 2]),    # the Stage-1 adapter merged into the base again, new one loaded
+    ("ewc", [11], [2, 2, 2]),          # the Fisher is rebuilt from the saved Stage-1 adapter
+    ("olora", [6], [2, 1, 0]),         # at the boundary: Stage 2 starts again from its own seed
 ]
 
 
