@@ -4,9 +4,10 @@
 
 Times, on the same batch and model: a CE-only step; CE + ordering + DC as `train_stage` does it
 (LoRA factors collected and the Stage-1 vector flattened once); the same terms with the
-factors re-collected from the model and the Stage-1 vector re-flattened every step; and a
+factors re-collected from the model and the Stage-1 vector re-flattened every step; a
 CE step with DyLoRA's sampled rank (mask hook, snapshot and restore of the weights outside the
-update set).
+update set); and CE plus each continual-learning term as `continual.regularizer_terms` sets it
+up (DC per module / on delta W, L2 on delta W, EWC, O-LoRA).
 """
 import argparse
 import dataclasses
@@ -17,7 +18,9 @@ import torch
 
 from hybrid_lora import ExperimentConfig, build_model
 from hybrid_lora.adapters import flatten_factors, lora_factors, snapshot_factors
+from hybrid_lora.continual import StageReference, regularizer_terms
 from hybrid_lora.losses import causal_lm_sums, domain_correlation_loss, ordering_penalty
+from hybrid_lora.methods import get_method
 from hybrid_lora.nested import nested_training
 
 
@@ -58,6 +61,15 @@ def main() -> None:
             flatten_factors(stage1, args.r), flatten_factors(facs), 0.1)
 
     variants = {"CE only": lambda: 0.0, "CE+order+DC (hoisted)": hoisted, "CE+order+DC (per step)": per_step}
+    ref = StageReference(factors=stage1, scalings=[s for *_, s in lora_factors(model)],
+                         fisher=[torch.rand_like(t) for ab in stage1 for t in ab],
+                         old_a=[a for a, _ in stage1])
+    for label, method, change in (("DC per module", "dc", {"dc_variant": "per_module"}),
+                                  ("DC on delta W", "dc", {"dc_variant": "delta_w"}),
+                                  ("L2 on delta W", "l2", {}), ("EWC", "ewc", {}), ("O-LoRA", "olora", {})):
+        terms = regularizer_terms(dataclasses.replace(cfg, **change), get_method(method), 2, factors,
+                                  args.r, ref)
+        variants[f"CE+{label}"] = next(iter(terms.values()))
     times = {k: [] for k in [*variants, "CE, DyLoRA sampled rank"]}
 
     def timed_nested() -> float:

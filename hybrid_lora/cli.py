@@ -121,7 +121,7 @@ def table_command(args: argparse.Namespace) -> int:
     table = cl_table(args.results, n_boot=args.n_boot)
     cols = ["method", "lambda", "n_seeds", "delta_loss_first", "delta_loss_first_sd", "new_gain",
             "new_gain_sd", "avg_final_acc", "bwt", "plasticity_new", "d_forget", "d_forget_lo",
-            "d_forget_hi", "forgets_less"]
+            "d_forget_hi", "forgets_less", "seeds_forget_less"]
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
         print(table[cols])
     path = write_text_atomic(Path(args.results) / "cl_table.csv", lambda f: table.to_csv(f))

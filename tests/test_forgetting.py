@@ -230,11 +230,13 @@ def test_cl_table_against_hand_computed_differences(tmp_path):
     # l2 - lora: seed 1: 0.1 - 0.6; seed 2: 0.1 - 0.5 -> -0.45; every resample is below 0
     assert table.loc["l2", "d_forget"] == pytest.approx(-0.45)
     assert table.loc["l2", "d_forget_hi"] < 0 and table.loc["l2", "forgets_less"]
+    assert table.loc["l2", "seeds_forget_less"] == 2 and table.loc["single", "seeds_forget_less"] == 0
     assert table.loc["l2", "d_new_loss"] == pytest.approx(7.0 - 6.0)
     assert not table.loc["lora", "forgets_less"] and math.isnan(table.loc["lora", "d_forget"])
-    # new gain: base 8.0 - final; plasticity: acc gain over single's (same fake acc -> 1)
+    # new gain: base 8.0 - final 7.0; plasticity: loss gain over single's (8.0 - 5.0)
     assert table.loc["l2", "new_gain"] == pytest.approx(1.0)
-    assert table.loc["l2", "plasticity_new"] == pytest.approx(1.0)
+    assert table.loc["l2", "plasticity_new"] == pytest.approx(1.0 / 3.0)
+    assert table.loc["lora", "plasticity_new"] == pytest.approx(2.0 / 3.0)
     summary = load_summary(tmp_path)
     assert set(summary["run"]) == {"lora", "l2", "single"}
     # the CLI: `table` writes the same table; `plot --only pareto` draws just that figure
