@@ -62,7 +62,7 @@ def fisher_diagonal(model, dataset, n: int, amp_dtype=None) -> list[torch.Tensor
 
 
 def stage_reference(cfg: ExperimentConfig, method: Method, run: Path, stage: int, train_sets,
-                    device, amp_dtype=None) -> StageReference | None:
+                    device) -> StageReference | None:
     """The references stage `stage` needs, loaded from the run's saved adapters (None in Stage 1)."""
     if stage == 1:
         return None
@@ -78,7 +78,9 @@ def stage_reference(cfg: ExperimentConfig, method: Method, run: Path, stage: int
             model_k.requires_grad_(False)
             for _, a, b, _ in lora_factors(model_k):
                 a.requires_grad_(True), b.requires_grad_(True)
-            f_k = fisher_diagonal(model_k, train_sets[k - 1], cfg.ewc_samples, amp_dtype)
+            # fp32 even under mixed precision: squared fp16 gradients of one sequence underflow,
+            # and 200 sequences once per stage cost little
+            f_k = fisher_diagonal(model_k, train_sets[k - 1], cfg.ewc_samples)
             ref.fisher = f_k if ref.fisher is None else [f + g for f, g in zip(ref.fisher, f_k)]
     if method.penalty == "olora":
         per_stage = [[a for a, _ in snapshot_factors(load_adapter(cfg, adapter_dir(run, k, n), device))]

@@ -143,11 +143,13 @@ def plot_pareto(table, title: str = ""):
         lambda v: f" ({v})" if isinstance(v, str) and v not in ("", "global") else "")
     present = list(dict.fromkeys(label))
     methods = sorted(present, key=lambda m: METHOD_NAMES.index(m.split()[0]) if m.split()[0] in METHOD_NAMES else 99)
+    tab20 = plt.get_cmap("tab20")  # 20 distinct colours: the dark ten first, then the light ones
+    palette = [tab20(j) for j in list(range(0, 20, 2)) + list(range(1, 20, 2))]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, method in enumerate(methods):
         rows = table[label == method].sort_values("lambda")
         ax.errorbar(rows["new_gain"], rows["delta_loss_first"], xerr=rows["new_gain_sd"].fillna(0.0),
-                    yerr=rows["delta_loss_first_sd"].fillna(0.0), color=f"C{i % 10}",
+                    yerr=rows["delta_loss_first_sd"].fillna(0.0), color=palette[i % len(palette)],
                     marker="os^vD<>ph*"[i % 10], ms=6, capsize=3, ls="-" if len(rows) > 1 else "none",
                     label=f"{method} (n={rows['n_seeds'].min()})")
         for lam, x, y in zip(rows["lambda"], rows["new_gain"], rows["delta_loss_first"]):

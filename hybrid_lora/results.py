@@ -10,8 +10,10 @@ lambda sweep) with
                   SWEEP_KEYS when swept; `schema_version`;
 - `eval_sequences.json`  {"domains", "R": R[t][i] = {"nll", "tokens", "hits"}, one entry per
                   evaluation sequence}: the sums behind every entry of R (bootstrap intervals);
-- `stage1.json`   Stage 1's key, history and R rows 0-1 (lets identical runs share Stage 1;
-                  `copied_from` names the run it was taken from);
+                  compact JSON, one line;
+- `stage1.json`   Stage 1's key, history and R rows 0-1 (lets identical runs share Stage 1,
+                  together with `adapter_stage1/`; `copied_from` names the run it was taken from;
+                  like the adapters, not committed to the repository);
 - `adapter_stage<t>/` for t < T, `adapter_final/`: PEFT `save_pretrained` folders (for
                   freeze-and-add methods, each stage's own adapter).
 `<out>/summary.csv` is rebuilt from all run folders (one row per run, SUMMARY_COLUMNS;
@@ -65,9 +67,9 @@ def write_text_atomic(path: str | Path, write) -> Path:
     return path
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write `obj` as indented JSON, atomically."""
-    write_text_atomic(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+def write_json_atomic(path: str | Path, obj, indent: int | None = 2) -> None:
+    """Write `obj` as JSON (indented unless `indent=None`: compact for long number lists), atomically."""
+    write_text_atomic(path, lambda f: f.write(json.dumps(obj, indent=indent) + "\n"))
 
 
 def read_json(path: str | Path):

@@ -252,7 +252,8 @@ def stage1_key(cfg: ExperimentConfig, method: Method, seed: int) -> dict:
 def _shared_stage1(out_dir: Path, rd: Path, key: dict) -> Path | None:
     """Another run folder under `out_dir` whose finished Stage 1 has this key, or None."""
     for path in sorted(Path(out_dir).glob(f"*/seed{key['seed']}/{STAGE1_FILE}")):
-        if path.parent != rd and read_json(path)["key"] == key:
+        # a stage1.json without its adapter (adapters are not committed) cannot be shared
+        if path.parent != rd and (path.parent / "adapter_stage1").is_dir() and read_json(path)["key"] == key:
             return path.parent
     return None
 
@@ -308,7 +309,8 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     elif donor is not None:  # Stage 1 done elsewhere: take its adapter, history and evaluations
         shared = read_json(donor / STAGE1_FILE)
         copy_dir(donor / "adapter_stage1", rd / "adapter_stage1")
-        write_json_atomic(rd / STAGE1_FILE, {**shared, "copied_from": str(donor.relative_to(out_dir))})
+        write_json_atomic(rd / STAGE1_FILE, {**shared, "copied_from": str(donor.relative_to(out_dir))},
+                          indent=None)
         model, tok = load_adapter(cfg, rd / "adapter_stage1", device, trainable=True), load_tokenizer(cfg)
         position, history, evals = (2, 1, 0), shared["history"], shared["evals"]
     else:
@@ -346,7 +348,7 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
                     model = stage_model(cfg, m, rd, stage, device)
             elif m.adapter == "add":  # the checkpoint holds only the new adapter
                 model = _with_factors(stage_model(cfg, m, rd, stage, device), model)
-        reference = stage_reference(cfg, m, rd, stage, train_sets, device, amp_dtype)
+        reference = stage_reference(cfg, m, rd, stage, train_sets, device)
         data, length = stage_train_set(cfg, train_sets, stage, m.data)
         model, rows = train_stage(model, cfg, m, stage, train_loader(cfg, data, seed, length),
                                   loaders[stage - 1][1], m.stage_ranks(cfg, stage),
@@ -356,7 +358,7 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
         evals[stage:] = [evaluate_all(model)]
         save_adapter(model, adapter_dir(rd, stage, n_stages))
         if stage == 1:
-            write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals})
+            write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals}, indent=None)
         if stage < n_stages:
             checkpoint(model, (stage + 1, 1, 0), {}, [])
             if stop_after_stage == stage:
@@ -378,7 +380,7 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     metrics["schema_version"] = SCHEMA_VERSION  # no timings here: same seed, same file
     write_json_atomic(rd / "history.json", history)
     write_json_atomic(rd / SEQUENCES_FILE, {"domains": list(cfg.domains),
-                                            "R": [[e["seq"] for e in row] for row in evals]})
+                                            "R": [[e["seq"] for e in row] for row in evals]}, indent=None)
     write_json_atomic(rd / "metrics.json", metrics)  # written last: marks the run complete
     if not cfg.keep_checkpoints:
         clear_checkpoints(rd)

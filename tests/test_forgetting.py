@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -138,6 +139,15 @@ def test_stage1_is_shared_only_under_the_same_stage1_settings(tmp_path, monkeypa
     run_experiment(dataclasses.replace(cfg, lora_dropout=0.2), "lora", 42, tmp_path / "other", progress=False)
     assert calls[0] == (4 + 5 + 6) + (4 + 4)  # another dropout: Stage 1 trained again, then shared
     assert "copied_from" not in read_json(run_dir(tmp_path / "other", "replay", 42) / "stage1.json")
+
+
+def test_a_stage1_record_without_its_adapter_is_not_shared(tmp_path):
+    cfg = three_stage()
+    lora = run_experiment(cfg, "lora", 42, tmp_path, progress=False)
+    shutil.rmtree(run_dir(tmp_path, "lora", 42) / "adapter_stage1")  # stage1.json left behind alone
+    dc = run_experiment(cfg, "dc", 42, tmp_path, progress=False)
+    assert "copied_from" not in read_json(run_dir(tmp_path, "dc", 42) / "stage1.json")
+    assert dc["metrics"]["R"]["loss"][:2] == lora["metrics"]["R"]["loss"][:2]  # trained again, same Stage 1
 
 
 def test_replay_and_joint_training_sets(cfg):
