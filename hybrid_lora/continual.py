@@ -20,7 +20,6 @@ from .adapters import (_quiet_peft, build_base_model, build_model, flatten_facto
                        load_tokenizer, lora_config, lora_factors, snapshot_factors)
 from .cl_losses import dc_delta_w, dc_per_module, delta_w_l2, ewc_penalty, module_vectors, olora_penalty
 from .config import ExperimentConfig
-from .evaluate import autocast
 from .losses import causal_lm_sums, domain_correlation_loss
 from .methods import Method
 
@@ -38,10 +37,11 @@ class StageReference:
     old_a: list | None = None     # O-LoRA: per module, the earlier adapters' A rows stacked [sum r, in]
 
 
-def fisher_diagonal(model, dataset, n: int, amp_dtype=None) -> list[torch.Tensor]:
+def fisher_diagonal(model, dataset, n: int) -> list[torch.Tensor]:
     """Mean over the first `n` sequences of `dataset` of g * g, g the gradient of the sequence's
     mean token cross-entropy w.r.t. each LoRA tensor (order A1, B1, A2, B2, ...). Eval mode
-    (no dropout); one sequence per backward pass, so each g is a per-sequence gradient."""
+    (no dropout), fp32 even in a mixed-precision run (squared fp16 per-sequence gradients
+    underflow); one sequence per backward pass, so each g is a per-sequence gradient."""
     params = [t for _, a, b, _ in lora_factors(model) for t in (a, b)]
     fisher = [torch.zeros_like(p) for p in params]
     device = params[0].device
@@ -51,8 +51,7 @@ def fisher_diagonal(model, dataset, n: int, amp_dtype=None) -> list[torch.Tensor
     with torch.enable_grad():
         for j in range(n):
             input_ids, mask, labels = (t[None].to(device) for t in dataset[j])
-            with autocast(device, amp_dtype):
-                logits = model(input_ids=input_ids, attention_mask=mask).logits
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
             ce, tokens, _ = causal_lm_sums(logits, labels, with_hits=False)
             grads = torch.autograd.grad(ce / tokens.clamp(min=1), params)
             for f, g in zip(fisher, grads):
@@ -78,8 +77,6 @@ def stage_reference(cfg: ExperimentConfig, method: Method, run: Path, stage: int
             model_k.requires_grad_(False)
             for _, a, b, _ in lora_factors(model_k):
                 a.requires_grad_(True), b.requires_grad_(True)
-            # fp32 even under mixed precision: squared fp16 gradients of one sequence underflow,
-            # and 200 sequences once per stage cost little
             f_k = fisher_diagonal(model_k, train_sets[k - 1], cfg.ewc_samples)
             ref.fisher = f_k if ref.fisher is None else [f + g for f, g in zip(ref.fisher, f_k)]
     if method.penalty == "olora":
