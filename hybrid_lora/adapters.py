@@ -29,6 +29,27 @@ def _quiet_peft():
 ADAPTER = "default"  # PEFT's adapter name
 
 
+@contextmanager
+def rng_isolated(seed: int | None = None):
+    """Inside the block, random numbers (Python, NumPy, torch CPU and CUDA) come from a stream
+    of their own (seeded with `seed` if given); afterwards every global RNG is as before.
+    Building or loading a model draws random initial weights: wrapped in this, it leaves the
+    training stream (LoRA dropout) untouched, so runs stay paired whatever they load."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            if seed is not None:
+                random.seed(seed), np.random.seed(seed % 2**32), torch.manual_seed(seed)
+            yield
+        finally:
+            random.setstate(py), np.random.set_state(npy)
+
+
 # ---------------------------------------------------------------------- building
 def byte_tokenizer():
     """A byte-level tokenizer that needs no download: 256 byte tokens + `<|endoftext|>` (id 0)."""
@@ -185,8 +206,8 @@ def rebuild_model_for_new_rank(model: nn.Module, new_r: int, cfg: ExperimentConf
         raise ValueError(f"new_r={new_r}: must be between 1 and the current rank {old_r}")
     alpha = old_cfg.lora_alpha * new_r / old_r if scaling == "preserve" else old_cfg.lora_alpha
     device = next(p.device for _, p, _, _ in lora_factors(model))
-    base = build_base_model(cfg, vocab_size=model.get_input_embeddings().num_embeddings)
-    with _quiet_peft():
+    with rng_isolated(), _quiet_peft():  # the new LoRA's random init is overwritten below
+        base = build_base_model(cfg, vocab_size=model.get_input_embeddings().num_embeddings)
         new = get_peft_model(base, lora_config(cfg, r=new_r, lora_alpha=alpha)).to(device)
     with torch.no_grad():
         for (name, a_old, b_old, _), (name_new, a_new, b_new, _) in zip(lora_factors(model),
@@ -203,10 +224,11 @@ def load_adapter(cfg: ExperimentConfig, path: str | Path, device: torch.device |
     """A PEFT adapter saved with `save_pretrained`, on a fresh base model built from `cfg`.
 
     Rank and lora_alpha come from the saved adapter_config.json. Returned in eval mode;
-    `trainable=True` leaves its LoRA weights trainable (to continue training).
+    `trainable=True` leaves its LoRA weights trainable (to continue training). Draws nothing
+    from the global RNG (PEFT's random init of the LoRA weights, then overwritten, would).
     """
     tok = load_tokenizer(cfg)
-    with _quiet_peft():
+    with rng_isolated(), _quiet_peft():
         model = PeftModel.from_pretrained(build_base_model(cfg, vocab_size=len(tok)), str(path),
                                           is_trainable=trainable)
     return model.to(device).eval()

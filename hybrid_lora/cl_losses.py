@@ -15,15 +15,17 @@ def _inner(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tenso
     return ((b1.T @ b2) * (a1 @ a2.T)).sum()
 
 
-def delta_w_l2(factors, prev, scalings) -> torch.Tensor:
-    """sum over modules of ||s B A - s B0 A0||_F^2 (s: the module's scaling).
+def delta_w_l2(factors, prev, scalings, prev_scalings) -> torch.Tensor:
+    """sum over modules of ||s B A - s0 B0 A0||_F^2, s the module's scaling in the live
+    adapter and s0 in the previous one (they differ when the ranks or alphas do).
 
     Depends on B A only, so it is unchanged by B A -> (B G)(G^-1 A); penalising A and B
     separately would not be.
     """
     total = 0.0
-    for (a, b), (a0, b0), s in zip(factors, prev, scalings):
-        total = total + s * s * (_inner(a, b, a, b) - 2 * _inner(a, b, a0, b0) + _inner(a0, b0, a0, b0))
+    for (a, b), (a0, b0), s, s0 in zip(factors, prev, scalings, prev_scalings):
+        total = total + (s * s * _inner(a, b, a, b) - 2 * s * s0 * _inner(a, b, a0, b0)
+                         + s0 * s0 * _inner(a0, b0, a0, b0))
     return total
 
 

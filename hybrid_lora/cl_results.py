@@ -1,8 +1,11 @@
-"""Continual-learning tables from result files: plasticity, paired bootstrap intervals over
-evaluation sequences, lambda-sweep run names. No torch here.
+"""Continual-learning tables from result files: seed-level paired t-intervals (primary),
+paired bootstrap intervals over evaluation sequences, forgetting at matched gain with lambdas
+chosen on validation texts, markdown for the README, lambda-sweep names. No torch here.
 
-    table = cl_table(out)          # one row per run name: mean, s.d. and CIs vs sequential LoRA
-    plot_pareto(table)             # hybrid_lora.plots: forgetting vs gain, one point per row
+    table = cl_table(out)            # one row per run name: mean, s.d. and CIs vs sequential LoRA
+    matched = matched_gain_table(out)  # each regularizer's forgetting at a fixed gain on the new domain
+    print(markdown_table(table, CL_MARKDOWN))
+    plot_pareto(table)               # hybrid_lora.plots: forgetting vs gain, one point per row
 """
 from __future__ import annotations
 
@@ -12,11 +15,22 @@ from pathlib import Path
 import numpy as np
 
 from .results import SEQUENCES_FILE, load_summary, read_json, run_dir
+from .stats import paired_t_interval
 
 BASELINE = "lora"    # sequential LoRA: every interval is a difference against it
 REFERENCE = "single"  # each domain trained alone: the denominator of plasticity
 TABLE_KEYS = ("avg_final_acc", "bwt", "forgetting_first", "delta_loss_first", "delta_ppl_first",
-              "gain_retained_first", "new_gain", "new_acc", "plasticity_new")
+              "gain_retained_first", "new_gain", "new_acc", "plasticity_new", "final_loss_first",
+              "new_loss")
+
+
+def lambda_grid(lo: float, hi: float, per_decade: int = 3) -> tuple[float, ...]:
+    """Log-spaced lambdas from lo to hi, `per_decade` per factor of 10, at 3 significant digits
+    (so run names stay short): lambda_grid(0.1, 10) = (0.1, 0.215, 0.464, 1, 2.15, 4.64, 10)."""
+    if not 0 < lo <= hi:
+        raise ValueError(f"lambda grid {lo}:{hi}: need 0 < lo <= hi")
+    n = round(math.log10(hi / lo) * per_decade)
+    return tuple(float(f"{lo * 10 ** (k / per_decade):.3g}") for k in range(n + 1))
 
 
 def sweep_name(method: str, lam: float) -> str:
@@ -70,21 +84,29 @@ def bootstrap_vs_baseline(out: str | Path, run: str, seeds, quantity: str, basel
 
 def cl_table(out: str | Path, baseline: str = BASELINE, n_boot: int = 2000, level: float = 0.95):
     """One row per run name under `out` (methods, and each lambda of a sweep): method, lambda,
-    variant (the DC variant, "" without DC), n_seeds, mean and s.d. over seeds of TABLE_KEYS, and for every run but the baseline the
-    difference from `baseline` (seeds both have, with eval_sequences.json) in forgetting on the first domain
-    (`d_forget`, nats/token) and in final loss on the new domain (`d_new_loss`), with the
-    paired bootstrap interval (`*_lo`, `*_hi`). `forgets_less` is True when the whole interval
-    of d_forget is below zero; the interval covers the evaluation sequences, not training noise,
-    so `seeds_forget_less` counts the seeds in which the run forgot less than the baseline. plasticity_new = the run's loss gain on the new domain over the
-    base (nats), divided by that of the "single" run (domain trained alone) of the same seed; in
-    loss, because token accuracy can barely move on a far domain in a short run, which makes a
-    ratio of accuracy gains meaningless."""
+    variant (the DC variant, "" without DC), n_seeds, mean and s.d. over seeds of TABLE_KEYS,
+    and for every run but the baseline its paired differences from `baseline` over the seeds
+    both have:
+
+    - seed level (primary; every source of training noise): `d_forget_seed` = mean over seeds
+      of the run's `delta_loss_first` minus the baseline's (nats/token; < 0: forgets less),
+      `d_new_gain_seed` the same for `new_gain` (< 0: learns the new domain less), each with
+      a paired t-interval (`*_lo`, `*_hi`); `forgets_less_seed` / `learns_less_seed` are True
+      when the whole interval is below zero; `seeds_forget_less` counts the seeds;
+    - evaluation sequences: `d_forget` and `d_new_loss` (final loss on the new domain) with a
+      paired percentile bootstrap over the evaluation sequences (`*_lo`, `*_hi`), training
+      fixed: narrower, and not an interval for a claim about methods.
+
+    plasticity_new = the run's loss gain on the new domain over the base (nats), divided by
+    that of the "single" run (domain trained alone) of the same seed: a ratio of loss gains,
+    because token accuracy can barely move on a far domain in a short run."""
     import pandas as pd
 
     summary = load_summary(out)
     if summary.empty:
         raise FileNotFoundError(f"no finished runs under {out}")
     ref = summary[summary["run"] == REFERENCE].set_index("seed")
+    base = summary[summary["run"] == baseline].set_index("seed")
     rows = []
     for run, group in summary.groupby("run", sort=False):
         group = group.copy()
@@ -93,18 +115,132 @@ def cl_table(out: str | Path, baseline: str = BASELINE, n_boot: int = 2000, leve
                "variant": group["variant"].iloc[0], "n_seeds": group["seed"].nunique()}
         for k in TABLE_KEYS:
             row[k], row[f"{k}_sd"] = group[k].mean(), group[k].std()
-        seeds = [s for s in sorted(set(group["seed"]) & set(summary.loc[summary["run"] == baseline, "seed"]))
+        mine = group.set_index("seed")
+        paired = sorted(set(mine.index) & set(base.index)) if run != baseline else []
+        for key, col in (("delta_loss_first", "d_forget_seed"), ("new_gain", "d_new_gain_seed")):
+            d = paired_t_interval([mine.at[s, key] - base.at[s, key] for s in paired], level)
+            row[col], row[f"{col}_lo"], row[f"{col}_hi"] = d
+        row["forgets_less_seed"] = bool(row["d_forget_seed_hi"] < 0)
+        row["learns_less_seed"] = bool(row["d_new_gain_seed_hi"] < 0)
+        row["seeds_forget_less"] = int(sum(mine.at[s, "delta_loss_first"] < base.at[s, "delta_loss_first"]
+                                           for s in paired))
+        seeds = [s for s in paired
                  if all((run_dir(out, r, s) / SEQUENCES_FILE).exists() for r in (run, baseline))]
         for q, col in (("delta_loss", "d_forget"), ("new_loss", "d_new_loss")):
-            d = (bootstrap_vs_baseline(out, run, seeds, q, baseline, n_boot, level)
-                 if seeds and run != baseline else (math.nan,) * 3)
+            d = bootstrap_vs_baseline(out, run, seeds, q, baseline, n_boot, level) if seeds else (math.nan,) * 3
             row[col], row[f"{col}_lo"], row[f"{col}_hi"] = d
-        row["forgets_less"] = bool(row["d_forget_hi"] < 0)
-        base = summary[summary["run"] == baseline].set_index("seed")["delta_loss_first"]
-        mine = group.set_index("seed")["delta_loss_first"]
-        row["seeds_forget_less"] = int(sum(mine[s] < base[s] for s in seeds)) if run != baseline else 0
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")
+
+
+def _crossing(lams, values, target):
+    """(j, t): the first segment j of the curve (lambda ascending) on which `values` passes
+    `target`, and the fraction t along it; None when the curve never reaches it."""
+    for j in range(len(lams) - 1):
+        v0, v1 = values[j], values[j + 1]
+        if min(v0, v1) <= target <= max(v0, v1) and v0 != v1:
+            return j, (target - v0) / (v1 - v0)
+    return None
+
+
+def matched_gain_table(out: str | Path, fraction: float = 0.9, baseline: str = BASELINE,
+                       level: float = 0.95):
+    """Forgetting of each regularized method at a matched gain on the new domain.
+
+    For each (method, DC variant) with runs at two or more lambdas, and each seed: the target
+    is `fraction` x the baseline's gain on the new domain *on the validation texts*
+    (`val_new_gain`, carved from the training pool); lambda* is where the method's validation
+    gain reaches it, linear in log(lambda) between the two grid points around it. The
+    reported numbers are the *test* `delta_loss_first` and `new_gain` at lambda*, interpolated
+    with the same weights (the test split never chooses anything). Per seed, the difference
+    from the baseline, with a paired t-interval over seeds. Seeds whose curve never reaches
+    the target are left out (`n_seeds` counts the rest)."""
+    import pandas as pd
+
+    s = load_summary(out)
+    if s.empty:
+        raise FileNotFoundError(f"no finished runs under {out}")
+    if s["val_new_gain"].isna().all():
+        raise ValueError(f"{out}: no validation numbers (R_val); run with n_val > 0")
+    base = s[s["run"] == baseline].set_index("seed")
+    rows = []
+    for (method, variant), group in s[s["lambda"].notna()].groupby(["method", "variant"], sort=False):
+        if group["lambda"].nunique() < 2:
+            continue
+        per_seed = []
+        for seed, g in group.groupby("seed"):
+            if seed not in base.index:
+                continue
+            g = g.sort_values("lambda")
+            lams = np.log(g["lambda"].to_numpy())
+            hit = _crossing(lams, g["val_new_gain"].to_numpy(), fraction * base.at[seed, "val_new_gain"])
+            if hit is None:
+                continue
+            j, t = hit
+            at = lambda col: (1 - t) * g[col].iloc[j] + t * g[col].iloc[j + 1]  # noqa: E731
+            per_seed.append({"seed": seed, "lambda": math.exp((1 - t) * lams[j] + t * lams[j + 1]),
+                             "forget": at("delta_loss_first"), "gain": at("new_gain"),
+                             "d_forget": at("delta_loss_first") - base.at[seed, "delta_loss_first"],
+                             "d_gain": at("new_gain") - base.at[seed, "new_gain"]})
+        row = {"method": method, "variant": variant, "fraction": fraction, "n_seeds": len(per_seed),
+               "lambdas": ",".join(f"{x:g}" for x in sorted(group["lambda"].unique()))}
+        p = pd.DataFrame(per_seed, columns=["seed", "lambda", "forget", "gain", "d_forget", "d_gain"])
+        row["lambda_star"] = float(np.exp(np.log(p["lambda"]).mean())) if len(p) else math.nan
+        for col in ("forget", "gain"):
+            row[col], row[f"{col}_sd"] = p[col].mean(), p[col].std()
+        for col in ("d_forget", "d_gain"):
+            row[col], row[f"{col}_lo"], row[f"{col}_hi"] = paired_t_interval(list(p[col]), level)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(x, spec: str) -> str:
+    """`x` formatted by `spec` ("d": as an integer); "" for NaN."""
+    if isinstance(x, float) and math.isnan(x):
+        return ""
+    return str(int(x)) if spec == "d" else format(x, spec)
+
+
+# (header, column or (mean, lo, hi) columns, format) of the README's continual-learning table
+CL_MARKDOWN = (
+    ("run", "run", "s"), ("λ", "lambda", "g"), ("n", "n_seeds", "d"),
+    ("Δloss on first (nats/token)", ("delta_loss_first", "delta_loss_first_sd"), "+.4f"),
+    ("gain on new (nats/token)", ("new_gain", "new_gain_sd"), "+.4f"),
+    ("Δ(Δloss on first) vs lora [95% seed CI]", ("d_forget_seed", "d_forget_seed_lo", "d_forget_seed_hi"), "+.4f"),
+    ("Δgain on new vs lora [95% seed CI]", ("d_new_gain_seed", "d_new_gain_seed_lo", "d_new_gain_seed_hi"), "+.4f"),
+    ("seeds forgetting less", "seeds_forget_less", "d"),
+)
+MATCHED_MARKDOWN = (
+    ("method", "method", "s"), ("DC variant", "variant", "s"), ("λ grid", "lambdas", "s"),
+    ("λ* (geo. mean)", "lambda_star", ".3g"), ("n", "n_seeds", "d"),
+    ("Δloss on first at λ*", ("forget", "forget_sd"), "+.4f"),
+    ("gain on new at λ* (test)", ("gain", "gain_sd"), "+.4f"),
+    ("Δ(Δloss on first) vs lora [95% seed CI]", ("d_forget", "d_forget_lo", "d_forget_hi"), "+.4f"),
+    ("Δgain vs lora [95% seed CI]", ("d_gain", "d_gain_lo", "d_gain_hi"), "+.4f"),
+)
+
+
+def markdown_table(table, spec=CL_MARKDOWN) -> str:
+    """A markdown table of `table` (a DataFrame; its index is available as column "run"):
+    one column per (header, source, format) of `spec`; a (mean, sd) source prints "m ± sd",
+    a (mean, lo, hi) source "m [lo, hi]". The README's tables are this output, pasted."""
+    df = table.reset_index() if table.index.name else table
+    lines = ["| " + " | ".join(h for h, _, _ in spec) + " |", "|" + "---|" * len(spec)]
+    for _, r in df.iterrows():
+        cells = []
+        for _, src, f in spec:
+            if isinstance(src, str):
+                cells.append(_fmt(r[src], f))
+            elif len(src) == 2:
+                m, sd = r[src[0]], r[src[1]]
+                cells.append("" if math.isnan(m) else _fmt(m, f) if math.isnan(sd) else
+                             f"{_fmt(m, f)} ± {_fmt(sd, f.lstrip('+'))}")
+            else:
+                m, lo, hi = (r[c] for c in src)
+                cells.append("—" if math.isnan(m) else f"{_fmt(m, f)} [one seed: no interval]"
+                             if math.isnan(lo) else f"{_fmt(m, f)} [{_fmt(lo, f)}, {_fmt(hi, f)}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _plasticity(out, run: str, seed: int, ref) -> float:

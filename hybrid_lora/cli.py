@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sequence", choices=tuple(SEQUENCES),
                      help="a shipped domain sequence (or --set domains=a,b,c for any other)")
     run.add_argument("--lambdas", nargs="+", default=[], metavar="METHOD=L1,L2,...",
-                     help="lambda sweeps after the methods, e.g. --lambdas dc=0.1,1,10 l2=0.01,0.1,1; "
-                          "runs go to <out>/<method>_lam<value>/")
+                     help="lambda sweeps after the methods, e.g. --lambdas dc=0.1,1,10 l2=0.01:1 "
+                          "(LO:HI = 3 values per decade); runs go to <out>/<method>_lam<value>/")
     run.add_argument("--data-dir", help="read <DIR>/<domain>.jsonl instead of the hub / built-in corpus")
     run.add_argument("--model", help="base model: hub name or local folder")
     run.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -37,9 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--only", nargs="+", default=[], metavar="PREFIX",
                       help="only figures whose file name starts with PREFIX, e.g. --only pareto")
     table = sub.add_parser("table", help="continual-learning table of a results folder: mean, s.d., "
-                                         "bootstrap CIs against sequential LoRA; writes cl_table.csv")
+                                         "seed-level and bootstrap CIs against sequential LoRA; "
+                                         "writes cl_table.csv (and matched_gain.csv)")
     table.add_argument("--results", required=True, help="a folder written by `run`")
     table.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    table.add_argument("--markdown", action="store_true", help="print the tables as markdown (as in the README)")
+    table.add_argument("--matched-gain", type=float, metavar="FRACTION",
+                       help="also the forgetting of each lambda-swept method at FRACTION x sequential "
+                            "LoRA's validation gain on the new domain (e.g. 0.9); writes matched_gain.csv")
     sweep = sub.add_parser("sweep-ranks", help="evaluate a run's saved adapters cut to each rank "
                                               "(no training); merges into <run>/sweep.json")
     sweep.add_argument("--run", required=True, help="a run folder, <out>/<method>/seed<k>")
@@ -72,7 +77,7 @@ def sweep_command(args: argparse.Namespace) -> int:
              for s in (scalings if kind == "slice" else ["preserve"])]
     device = resolve_device(args.device or cfg.device)
     tok = load_tokenizer(cfg)
-    loaders = {name: make_loaders(cfg, tok, domain, saved["seed"])[1]
+    loaders = {name: make_loaders(cfg, tok, domain, saved["seed"]).eval
                for name, domain in zip("AB", cfg.domains)}
     rows = sweep_run(run, cfg, loaders, args.ranks or cfg.sweep_ranks, kinds, device,
                      choose_amp_dtype(cfg.mixed_precision, device), progress=not args.no_progress)
@@ -99,15 +104,21 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def parse_lambdas(items: list[str]) -> dict[str, tuple[float, ...]]:
     """["dc=0.1,1", "l2=0.01"] -> {"dc": (0.1, 1.0), "l2": (0.01,)}; ValueError naming a bad item."""
+    from .cl_results import lambda_grid
+
     out = {}
     for item in items:
         method, sep, values = item.partition("=")
         if not sep or method not in METHOD_NAMES:
             raise ValueError(f"--lambdas {item!r}: expected METHOD=L1,L2,... with a method of {METHOD_NAMES}")
         try:
-            out[method] = tuple(float(v) for v in values.split(",") if v.strip())
+            if ":" in values:  # LO:HI, 3 per decade
+                lo, hi = (float(v) for v in values.split(":"))
+                out[method] = lambda_grid(lo, hi)
+            else:
+                out[method] = tuple(float(v) for v in values.split(",") if v.strip())
         except ValueError:
-            raise ValueError(f"--lambdas {item!r}: {values!r} is not a list of numbers") from None
+            raise ValueError(f"--lambdas {item!r}: {values!r} is not a list of numbers nor LO:HI") from None
     return out
 
 
@@ -115,17 +126,26 @@ def table_command(args: argparse.Namespace) -> int:
     """`table`: print the continual-learning table and write it to <results>/cl_table.csv."""
     import pandas as pd
 
-    from .cl_results import cl_table
+    from .cl_results import CL_MARKDOWN, MATCHED_MARKDOWN, cl_table, markdown_table, matched_gain_table
     from .results import write_text_atomic
 
-    table = cl_table(args.results, n_boot=args.n_boot)
-    cols = ["method", "lambda", "n_seeds", "delta_loss_first", "delta_loss_first_sd", "new_gain",
-            "new_gain_sd", "avg_final_acc", "bwt", "plasticity_new", "d_forget", "d_forget_lo",
-            "d_forget_hi", "forgets_less", "seeds_forget_less"]
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
-        print(table[cols])
-    path = write_text_atomic(Path(args.results) / "cl_table.csv", lambda f: table.to_csv(f))
-    print(f"written: {path}")
+    results = Path(args.results)
+    table = cl_table(results, n_boot=args.n_boot)
+    tables = [(table, CL_MARKDOWN, "cl_table.csv", True)]
+    if args.matched_gain is not None:
+        tables.append((matched_gain_table(results, args.matched_gain), MATCHED_MARKDOWN,
+                       "matched_gain.csv", False))
+    cols = ["method", "lambda", "n_seeds", "delta_loss_first", "new_gain", "d_forget_seed",
+            "d_forget_seed_lo", "d_forget_seed_hi", "d_new_gain_seed", "d_new_gain_seed_lo",
+            "d_new_gain_seed_hi", "forgets_less_seed", "seeds_forget_less"]
+    for t, spec, name, index in tables:
+        if args.markdown:
+            print(markdown_table(t, spec))
+        else:
+            with pd.option_context("display.width", 250, "display.max_columns", 30, "display.precision", 4):
+                print(t[cols] if name == "cl_table.csv" else t)
+        path = write_text_atomic(results / name, lambda f, t=t, index=index: t.to_csv(f, index=index))
+        print(f"written: {path}")
     return 0
 
 

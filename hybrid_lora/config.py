@@ -12,8 +12,8 @@ import typing
 from dataclasses import dataclass, field
 
 PAPER_METHODS = ("lora", "dylora", "dc", "hybrid")
-# continual-learning baselines ("lora" is sequential LoRA, the lower bound)
-CL_METHODS = ("single", "joint", "replay", "l2", "ewc", "freeze_add", "olora")
+# continual-learning baselines ("lora" is sequential LoRA; "multitask" the upper bound)
+CL_METHODS = ("single", "cumulative", "multitask", "replay", "l2", "ewc", "freeze_add", "olora")
 # + true DyLoRA (nested-dropout) training, and plain LoRA trained at the final rank
 METHOD_NAMES = PAPER_METHODS + ("dylora_nested", "hybrid_nested", "lora_small") + CL_METHODS
 DYLORA_DISTRIBUTIONS = ("uniform", "geometric")
@@ -73,7 +73,9 @@ class ExperimentConfig:
     data_dir: str | None = None
     n_train: int = 3000
     n_eval: int = 1000
-    data_seed: int = 42
+    n_val: int = 0  # validation texts per domain, carved from the training pool (lambdas are chosen on these)
+    data_seed: int = 42  # draws the evaluation and validation texts (the same for every run seed)
+    train_data_seed: int | None = None  # draws the training subset; None: the run's seed (data noise in the intervals)
     max_length: int = 128
     batch_size: int = 8
     # optimisation
@@ -144,8 +146,9 @@ class ExperimentConfig:
             raise ValueError(f"sequence={sequence!r}: must be one of {tuple(SEQUENCES)}")
         return cls(
             domains=SEQUENCES[sequence], r=16, lora_alpha=32.0, rank_schedule=(16,),
-            epochs_stage1=1, epochs_stage2=1, n_train=500, n_eval=200, lr=1e-3,
+            epochs_stage1=1, epochs_stage2=1, n_train=500, n_eval=200, n_val=100, lr=1e-3,
             methods=("lora", "dc") + CL_METHODS, sweep_ranks=(), sweep_kinds=(),
+            seeds=(42, 43, 44, 45, 46),
         )
 
     # ------------------------------------------------------------- validation
@@ -159,7 +162,7 @@ class ExperimentConfig:
                      "tiny_n_layer", "tiny_n_embd", "tiny_n_head"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
-        for name in ("epochs_stage1", "epochs_stage2", "checkpoint_every", "ewc_samples"):
+        for name in ("epochs_stage1", "epochs_stage2", "checkpoint_every", "ewc_samples", "n_val"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be a non-negative integer")
         if self.lora_alpha <= 0:
@@ -194,6 +197,8 @@ class ExperimentConfig:
                 raise bad("methods", f"unknown method {m!r}; known: {METHOD_NAMES}")
         if not self.seeds:
             raise bad("seeds", "give at least one seed")
+        if self.train_data_seed is not None and not isinstance(self.train_data_seed, int):
+            raise bad("train_data_seed", "must be an integer or None (None: the run's seed)")
         if self.data_source not in DATA_SOURCES:
             raise bad("data_source", f"must be one of {DATA_SOURCES}")
         if self.data_source == "local" and not self.data_dir:

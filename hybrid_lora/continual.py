@@ -17,7 +17,7 @@ import torch
 from peft import get_peft_model
 
 from .adapters import (_quiet_peft, build_base_model, build_model, flatten_factors, load_adapter,
-                       load_tokenizer, lora_config, lora_factors, snapshot_factors)
+                       load_tokenizer, lora_config, lora_factors, rng_isolated, snapshot_factors)
 from .cl_losses import dc_delta_w, dc_per_module, delta_w_l2, ewc_penalty, module_vectors, olora_penalty
 from .config import ExperimentConfig
 from .losses import causal_lm_sums, domain_correlation_loss
@@ -38,8 +38,9 @@ class StageReference:
 
 
 def fisher_diagonal(model, dataset, n: int) -> list[torch.Tensor]:
-    """Mean over the first `n` sequences of `dataset` of g * g, g the gradient of the sequence's
-    mean token cross-entropy w.r.t. each LoRA tensor (order A1, B1, A2, B2, ...). Eval mode
+    """The empirical Fisher diagonal: mean over the first `n` sequences of `dataset` of g * g,
+    g the gradient of the sequence's mean token cross-entropy (at the training labels, not at
+    labels sampled from the model) w.r.t. each LoRA tensor (order A1, B1, A2, B2, ...). Eval mode
     (no dropout), fp32 even in a mixed-precision run (squared fp16 per-sequence gradients
     underflow); one sequence per backward pass, so each g is a per-sequence gradient."""
     params = [t for _, a, b, _ in lora_factors(model) for t in (a, b)]
@@ -87,10 +88,10 @@ def stage_reference(cfg: ExperimentConfig, method: Method, run: Path, stage: int
 
 
 def regularizer_terms(cfg: ExperimentConfig, method: Method, stage: int, factors, rank: int,
-                      ref: StageReference | None) -> dict:
+                      ref: StageReference | None, scalings=None) -> dict:
     """{"dc": f, "penalty": f} for the terms on in `stage`, each f() the lambda-weighted value
-    at the live `factors` ([(A, B)]). Set up once per (re)build: frozen vectors cut to `rank`
-    here, not per step."""
+    at the live `factors` ([(A, B)], PEFT scalings `scalings`, needed by l2). Set up once per
+    (re)build: frozen vectors cut to `rank` here, not per step."""
     terms = {}
     _, lam_dc = method.lambdas(cfg, stage)
     if lam_dc:
@@ -105,8 +106,10 @@ def regularizer_terms(cfg: ExperimentConfig, method: Method, stage: int, factors
             terms["dc"] = lambda: dc_delta_w(factors, prev, lam_dc)  # B A of any rank
     lam = method.penalty_lambda(cfg, stage)
     if lam and method.penalty == "l2":
-        prev, scalings = ref.factors, ref.scalings
-        terms["penalty"] = lambda: lam * delta_w_l2(factors, prev, scalings)
+        if scalings is None:
+            raise ValueError("the l2 penalty needs the live adapter's scalings")
+        prev, prev_scalings = ref.factors, ref.scalings
+        terms["penalty"] = lambda: lam * delta_w_l2(factors, prev, scalings, prev_scalings)
     elif lam and method.penalty == "ewc":
         anchors = [t for ab in ref.factors for t in ab]
         if [t.shape for t in anchors] != [t.shape for ab in factors for t in ab]:
@@ -119,10 +122,16 @@ def regularizer_terms(cfg: ExperimentConfig, method: Method, stage: int, factors
     return terms
 
 
-def stage_model(cfg: ExperimentConfig, method: Method, run: Path, stage: int, device):
+def stage_model(cfg: ExperimentConfig, method: Method, run: Path, stage: int, device, init_seed: int):
     """The model stage `stage` >= 2 starts from when `method.adapter` is "add" (the base with
     the adapters of stages 1..stage-1 merged in, plus a new LoRA) or "reset" (the base plus a
-    new LoRA). The new LoRA's A is drawn from the global RNG (seed it first)."""
+    new LoRA). The new LoRA's A is drawn from a stream seeded with `init_seed`; the global RNG
+    is left as it was, so the stage's dropout masks are those of a continued adapter."""
+    with rng_isolated(init_seed):
+        return _stage_model(cfg, method, run, stage, device)
+
+
+def _stage_model(cfg: ExperimentConfig, method: Method, run: Path, stage: int, device):
     if method.adapter == "reset":
         return build_model(cfg, device, r=method.train_rank(cfg))[0]
     tok = load_tokenizer(cfg)

@@ -7,7 +7,8 @@ Sources (`cfg.data_source`):
 - "builtin": a small three-domain corpus generated here from a seeded RNG (no files, no network).
 
 `stage_train_set` builds what a stage trains on: the current domain, plus a replay buffer of
-earlier domains, or the union of all domains so far (joint training).
+earlier domains, the union of all domains so far ("cumulative"), or of all domains ("all":
+multitask training).
 
 Labels are the input ids with padding positions, found from the attention mask
 (not from the token id, since pad = eos), set to -100.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,13 +30,33 @@ IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------ text sources
-def load_texts(cfg: ExperimentConfig, domain: str) -> tuple[list[str], list[str]]:
-    """(train texts, eval texts) of one domain: `n_train` and `n_eval` drawn with `data_seed`."""
+class DomainTexts(NamedTuple):
+    """One domain's texts: `n_train` training texts drawn with the train seed, `n_eval`
+    evaluation texts and `n_val` validation texts drawn with `data_seed` (the same for every
+    run seed; validation is carved out of the training pool, so never trained on)."""
+    train: list[str]
+    eval: list[str]
+    val: list[str]
+
+
+def train_seed(cfg: ExperimentConfig, seed: int | None) -> int:
+    """The seed of the training subset: `cfg.train_data_seed` if set, else the run's `seed`
+    (each seed trains on its own sample, so data noise is in seed-level intervals), else
+    `data_seed` (no run seed given)."""
+    if cfg.train_data_seed is not None:
+        return cfg.train_data_seed
+    return cfg.data_seed if seed is None else seed
+
+
+def load_texts(cfg: ExperimentConfig, domain: str, seed: int | None = None) -> DomainTexts:
+    """One domain's (train, eval, val) texts for the run seed `seed` (see `train_seed`)."""
     if cfg.data_source == "hub":
-        return _hub_texts(cfg, domain)
+        return _hub_texts(cfg, domain, train_seed(cfg, seed))
     if cfg.data_source == "local":
-        return _local_texts(cfg, domain)
-    return _builtin_texts(domain, cfg.n_train, cfg.n_eval, cfg.data_seed)
+        return _local_texts(cfg, domain, train_seed(cfg, seed))
+    return DomainTexts(_builtin_texts(domain, cfg.n_train, 0, train_seed(cfg, seed))[0],
+                       _builtin_texts(domain, cfg.n_train, cfg.n_eval, cfg.data_seed)[1],
+                       _builtin_texts(domain, cfg.n_val, 0, f"val-{cfg.data_seed}")[0])
 
 
 def _take(texts: list[str], n: int, seed: int, what: str) -> list[str]:
@@ -44,7 +66,18 @@ def _take(texts: list[str], n: int, seed: int, what: str) -> list[str]:
     return [texts[i] for i in order]
 
 
-def _local_texts(cfg: ExperimentConfig, domain: str) -> tuple[list[str], list[str]]:
+def _carve(pool: list[str], cfg: ExperimentConfig, seed: int, what: str) -> tuple[list[str], list[str]]:
+    """(train, val) from one training pool: `n_val` texts fixed by data_seed, then `n_train` of
+    the rest drawn with `seed`. With n_val = 0 and seed = data_seed: the draw of schema <= 3."""
+    if len(pool) < cfg.n_train + cfg.n_val:
+        raise ValueError(f"{what}: asked for {cfg.n_train} train + {cfg.n_val} validation samples, "
+                         f"only {len(pool)} available")
+    held = set(random.Random(f"val-{cfg.data_seed}").sample(range(len(pool)), cfg.n_val))
+    rest = [t for i, t in enumerate(pool) if i not in held]
+    return _take(rest, cfg.n_train, seed, what), [pool[i] for i in sorted(held)]
+
+
+def _local_texts(cfg: ExperimentConfig, domain: str, seed: int) -> DomainTexts:
     path = Path(cfg.data_dir) / f"{domain}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"domain {domain!r}: no file {path} (data_dir={cfg.data_dir!r})")
@@ -57,8 +90,8 @@ def _local_texts(cfg: ExperimentConfig, domain: str) -> tuple[list[str], list[st
             if row.get("split") not in splits or not isinstance(row.get("text"), str):
                 raise ValueError(f"{path}:{line_no}: need 'text' (str) and 'split' in {list(splits)}")
             splits[row["split"]].append(row["text"])
-    return (_take(splits["train"], cfg.n_train, cfg.data_seed, f"{path} train"),
-            _take(splits["test"], cfg.n_eval, cfg.data_seed, f"{path} test"))
+    train, val = _carve(splits["train"], cfg, seed, f"{path} train")
+    return DomainTexts(train, _take(splits["test"], cfg.n_eval, cfg.data_seed, f"{path} test"), val)
 
 
 def hub_source(domain: str) -> tuple[str, str | None, str, str | None, str]:
@@ -75,7 +108,10 @@ def hub_source(domain: str) -> tuple[str, str | None, str, str | None, str]:
     return name, config or None, "train", "test", column
 
 
-def _hub_texts(cfg: ExperimentConfig, domain: str) -> tuple[list[str], list[str]]:
+def _hub_texts(cfg: ExperimentConfig, domain: str, seed: int) -> DomainTexts:
+    """The train split shuffled with data_seed: evaluation texts (when the dataset has no eval
+    split) from its end, validation texts before them, the training subset drawn from the rest
+    with `seed`."""
     from datasets import load_dataset  # imported here: only the hub path needs it
 
     name, config, train_split, eval_split, column = hub_source(domain)
@@ -83,20 +119,22 @@ def _hub_texts(cfg: ExperimentConfig, domain: str) -> tuple[list[str], list[str]
     if column not in ds[train_split].column_names:
         raise ValueError(f"hub domain {domain!r}: no column {column!r}; "
                          f"columns: {ds[train_split].column_names}")
-    train = ds[train_split].shuffle(seed=cfg.data_seed)
-    if eval_split is None or eval_split not in ds:  # hold the eval texts out of train
-        need = cfg.n_train + cfg.n_eval
-        if len(train) < need:
-            raise ValueError(f"hub dataset {name!r}/{train_split}: asked for {need}, has {len(train)}")
-        return (list(train.select(range(cfg.n_train))[column]),
-                list(train.select(range(len(train) - cfg.n_eval, len(train)))[column]))
-    out = []
-    for part, split, n in ((train, train_split, cfg.n_train),
-                           (ds[eval_split].shuffle(seed=cfg.data_seed), eval_split, cfg.n_eval)):
-        if len(part) < n:
-            raise ValueError(f"hub dataset {name!r}/{split}: asked for {n}, has {len(part)}")
-        out.append(list(part.select(range(n))[column]))
-    return out[0], out[1]
+    pool = ds[train_split].shuffle(seed=cfg.data_seed)
+    held_eval = eval_split is None or eval_split not in ds
+    n_eval_held = cfg.n_eval if held_eval else 0
+    need = cfg.n_train + cfg.n_val + n_eval_held
+    if len(pool) < need:
+        raise ValueError(f"hub dataset {name!r}/{train_split}: asked for {need}, has {len(pool)}")
+    end = len(pool) - n_eval_held
+    val = list(pool.select(range(end - cfg.n_val, end))[column])
+    rest = pool.select(range(end - cfg.n_val)).shuffle(seed=seed)
+    train = list(rest.select(range(cfg.n_train))[column])
+    if held_eval:
+        return DomainTexts(train, list(pool.select(range(end, len(pool)))[column]), val)
+    test = ds[eval_split].shuffle(seed=cfg.data_seed)
+    if len(test) < cfg.n_eval:
+        raise ValueError(f"hub dataset {name!r}/{eval_split}: asked for {cfg.n_eval}, has {len(test)}")
+    return DomainTexts(train, list(test.select(range(cfg.n_eval))[column]), val)
 
 
 _SUBJECTS = {
@@ -121,7 +159,7 @@ _NAMES = ["x", "y", "total", "count", "items", "value", "key", "row", "name", "d
 _CALLS = ["len", "sum", "max", "min", "sorted", "str", "int", "abs"]
 
 
-def _builtin_texts(domain: str, n_train: int, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
+def _builtin_texts(domain: str, n_train: int, n_eval: int, seed) -> tuple[list[str], list[str]]:
     """Templated reviews (movies for 'imdb', restaurants for 'yelp') or small Python
     functions ('code'); seeded, so reproducible."""
     rng = random.Random(f"{domain}-{seed}")
@@ -193,12 +231,27 @@ def train_loader(cfg: ExperimentConfig, dataset, seed: int, length: int | None =
                       sampler=EpochSampler(len(dataset), seed, length), generator=torch.Generator())
 
 
-def make_loaders(cfg: ExperimentConfig, tokenizer, domain: str, seed: int) -> tuple[DataLoader, DataLoader]:
-    """(train loader over an `EpochSampler` seeded with `seed`, eval loader in fixed order)."""
-    train_texts, eval_texts = load_texts(cfg, domain)
-    train = train_loader(cfg, tokenize(train_texts, tokenizer, cfg.max_length), seed)
-    evals = DataLoader(tokenize(eval_texts, tokenizer, cfg.max_length), batch_size=cfg.batch_size)
-    return train, evals
+class Loaders(NamedTuple):
+    """One domain's loaders: train (over an `EpochSampler`), eval and val (fixed order; val is
+    None when n_val = 0)."""
+    train: DataLoader
+    eval: DataLoader
+    val: DataLoader | None
+
+
+def eval_loader(cfg: ExperimentConfig, dataset) -> DataLoader:
+    """Fixed order, with its own generator: iterating it draws nothing from the global RNG
+    (which drives LoRA dropout: evaluating must not change training)."""
+    return DataLoader(dataset, batch_size=cfg.batch_size, generator=torch.Generator())
+
+
+def make_loaders(cfg: ExperimentConfig, tokenizer, domain: str, seed: int) -> Loaders:
+    """The loaders of one domain for run seed `seed` (the training sampler's seed, and the
+    training subset's unless `train_data_seed` is fixed)."""
+    texts = load_texts(cfg, domain, seed)
+    val = eval_loader(cfg, tokenize(texts.val, tokenizer, cfg.max_length)) if texts.val else None
+    return Loaders(train_loader(cfg, tokenize(texts.train, tokenizer, cfg.max_length), seed),
+                   eval_loader(cfg, tokenize(texts.eval, tokenizer, cfg.max_length)), val)
 
 
 def replay_indices(n: int, k: int, data_seed: int, domain: str) -> list[int]:
@@ -210,9 +263,12 @@ def stage_train_set(cfg: ExperimentConfig, train_sets: list, stage: int, data: s
     """(dataset, epoch length or None) that stage `stage` (1-based) trains on, given each
     domain's training set: "current" its own domain; "replay" also a buffer of
     round(replay_fraction * n) samples of every earlier domain (the epoch grows by the buffer);
-    "joint" the union of domains 1..stage with epochs of one domain's length (the same
-    number of steps as the other methods)."""
+    "cumulative" the union of domains 1..stage, "all" the union of every domain (in every
+    stage, Stage 1 included), both with epochs of one domain's length (the same number of
+    steps as the other methods)."""
     current = train_sets[stage - 1]
+    if data == "all":
+        return ConcatDataset(train_sets), len(current)
     if data == "current" or stage == 1:
         return current, None
     earlier = list(zip(cfg.domains[:stage - 1], train_sets[:stage - 1]))
@@ -220,6 +276,6 @@ def stage_train_set(cfg: ExperimentConfig, train_sets: list, stage: int, data: s
         buffers = [Subset(ds, replay_indices(len(ds), k, cfg.data_seed, d)) for d, ds in earlier
                    if (k := round(cfg.replay_fraction * len(ds))) > 0]
         return ConcatDataset([current] + buffers), None
-    if data == "joint":
+    if data == "cumulative":
         return ConcatDataset([ds for _, ds in earlier] + [current]), len(current)
-    raise ValueError(f"data={data!r}: must be 'current', 'replay' or 'joint'")
+    raise ValueError(f"data={data!r}: must be 'current', 'replay', 'cumulative' or 'all'")

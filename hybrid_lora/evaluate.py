@@ -56,8 +56,16 @@ def evaluate_loss_and_token_acc(model: torch.nn.Module, loader, amp_dtype: torch
     Every labelled token weighs the same, whatever batch it is in and however much
     padding that batch has (the original averaged per-batch means: defect 6). Runs in
     eval mode without gradients and restores the model's previous mode. With `amp_dtype`
-    the forward pass runs under autocast; the loss is always summed in fp32/fp64.
+    the forward pass runs under autocast; the loss is always summed in fp32/fp64. Leaves
+    the global RNG as it found it (a loader without its own generator draws from it).
     """
+    from .adapters import rng_isolated
+
+    with rng_isolated():
+        return _evaluate(model, loader, amp_dtype, per_sequence)
+
+
+def _evaluate(model, loader, amp_dtype, per_sequence: bool) -> dict:
     was_training = model.training
     model.eval()
     device = model_device(model)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from .config import METHOD_NAMES, ExperimentConfig
 
 PENALTIES = ("l2", "ewc", "olora")
-LAMBDA_FIELDS = {"dc": "lambda_dc", "l2": "lambda_l2", "ewc": "lambda_ewc", "olora": "lambda_olora"}
+LAMBDA_FIELDS = {"dc": "lambda_dc", "l2": "lambda_l2", "ewc": "lambda_ewc", "olora": "lambda_olora",
+                 "order": "lambda_order"}
+RENAMED = {"joint": "cumulative"}  # result folders of schema <= 3 name methods by their old names
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class Method:
     nested: bool = False  # every stage trained with DyLoRA's sampled rank b per step
     small: bool = False   # train at the schedule's last rank instead of cfg.r
     penalty: str | None = None  # "l2" | "ewc" | "olora" in every stage after the first
-    data: str = "current"       # "current" | "replay" | "joint" (data.stage_train_set)
+    data: str = "current"       # "current" | "replay" | "cumulative" | "all" (data.stage_train_set)
     adapter: str = "continue"   # "continue" the adapter; "add": merge it into the base and add a
     #                             new one each stage (freeze-and-add); "reset": a new one each
     #                             stage from the base alone (each domain trained on its own)
@@ -39,8 +41,11 @@ class Method:
         return getattr(cfg, LAMBDA_FIELDS[self.penalty]) if self.penalty and stage > 1 else 0.0
 
     def regularizer(self) -> str | None:
-        """The name of the one lambda-weighted term a lambda sweep varies ("dc", "l2", ...)."""
-        return "dc" if self.dc and not self.order else self.penalty
+        """The name of the one lambda-weighted term a lambda sweep varies ("dc", "l2", ...,
+        "order" for the paper's ordering term alone); None for none or two (hybrid)."""
+        if self.dc and self.order:
+            return None
+        return "dc" if self.dc else "order" if self.order else self.penalty
 
     def train_rank(self, cfg: ExperimentConfig) -> int:
         """The LoRA rank the run starts with."""
@@ -71,15 +76,17 @@ class Method:
     def stage1_signature(self) -> tuple:
         """What of the method Stage 1 depends on: equal signatures (and configs) train the
         same Stage 1, so one run can reuse another's (`share_stage1`)."""
-        return (self.order, self.nested, self.small)
+        return (self.order, self.nested, self.small) + (("all",) if self.data == "all" else ())
 
 
 METHODS = {m.name: m for m in (
     Method("lora", False, False, False, "sequential LoRA: cross-entropy only, fixed rank "
            "(the continual-learning lower bound)"),
-    Method("dylora", True, False, True, "CE + ordering regularizer; Stage-2 rank schedule"),
+    Method("dylora", True, False, True, "CE + the paper's ordering regularizer (not DyLoRA's "
+           "sampled-rank training: that is dylora_nested); Stage-2 rank schedule"),
     Method("dc", False, True, False, "CE + the paper's domain-correlation loss after Stage 1; fixed rank"),
-    Method("hybrid", True, True, True, "CE + ordering + DC after Stage 1; Stage-2 rank schedule"),
+    Method("hybrid", True, True, True, "CE + the paper's ordering regularizer + DC after Stage 1; "
+           "Stage-2 rank schedule"),
     Method("dylora_nested", False, False, True, "true DyLoRA: CE at a sampled rank b per step "
            "(alpha/b), instead of the ordering term; Stage-2 rank schedule", nested=True),
     Method("hybrid_nested", True, True, True, "hybrid with DyLoRA's sampled-rank training added "
@@ -88,8 +95,12 @@ METHODS = {m.name: m for m in (
            "rank (16 in the paper), lora_alpha unchanged", small=True),
     Method("single", False, False, False, "each domain trained alone: a new adapter from the base "
            "model every stage (the reference for plasticity)", adapter="reset"),
-    Method("joint", False, False, False, "stage t trains on the union of domains 1..t, same "
-           "number of steps (the upper bound)", data="joint"),
+    Method("cumulative", False, False, False, "the adapter continues; stage t trains on the union "
+           "of domains 1..t with the same number of steps (so only 1/t of them on the new domain); "
+           "not an upper bound", data="cumulative"),
+    Method("multitask", False, False, False, "one adapter from the base trained on the union of "
+           "all domains in every stage: the budget of all stages together on all the data "
+           "(the upper bound)", data="all"),
     Method("replay", False, False, False, "sequential LoRA plus a replay buffer of "
            "replay_fraction of every earlier domain", data="replay"),
     Method("l2", False, False, False, "CE + lambda_l2 * sum ||dW - dW_prev||_F^2 on each module's "
@@ -106,6 +117,7 @@ assert tuple(METHODS) == METHOD_NAMES, "config.METHOD_NAMES and the method table
 
 def get_method(name: str) -> Method:
     """The Method called `name`; ValueError naming the known ones otherwise."""
+    name = RENAMED.get(name, name)  # an old result folder's method
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {tuple(METHODS)}")
     return METHODS[name]

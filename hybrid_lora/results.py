@@ -4,10 +4,12 @@ Layout of one run: `<out>/<run>/seed<k>/` (`<run>` is the method, or e.g. `dc_la
 lambda sweep) with
 - `config.json`   every ExperimentConfig field, plus `method`, `seed`, `schema_version`;
 - `history.json`  list of per-epoch rows with keys HISTORY_KEYS;
-- `metrics.json`  `R` = {"domains", "loss", "acc"}: R[t][i] on domain i after stage t (t = 0
-                  the base model); the `cl_metrics` of R; for two domains also EVAL_KEYS as
-                  {"loss", "acc"} (A = Stage-1 domain, B = Stage-2 domain) and DERIVED_KEYS;
-                  SWEEP_KEYS when swept; `schema_version`;
+- `metrics.json`  written by `run_metrics`: `R` = {"domains", "loss", "acc"}: R[t][i] on
+                  domain i after stage t (t = 0 the base model); `R_val` the same on the
+                  validation texts (carved from the training pool) when n_val > 0; the
+                  `cl_metrics` of R; for two domains also EVAL_KEYS as {"loss", "acc"}
+                  (A = Stage-1 domain, B = Stage-2 domain) and DERIVED_KEYS; SWEEP_KEYS when
+                  swept; `schema_version`. One key, one meaning: a number stays a number.
 - `eval_sequences.json`  {"domains", "R": R[t][i] = {"nll", "tokens", "hits"}, one entry per
                   evaluation sequence}: the sums behind every entry of R (bootstrap intervals);
                   compact JSON, one line;
@@ -28,7 +30,10 @@ import os
 import tempfile
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+# 4: `gain_retained` is always the two-domain number (schema 3 overwrote it with the per-domain
+#    list, now `gain_retained_per_domain`); rank AUCs are shares of the gain over the base
+#    (SWEEP_KEYS; the old accuracy-normalised `rank_auc_*` keys are not read); `R_val`.
 HISTORY_KEYS = ("stage", "epoch", "rank", "train_ce", "train_order", "train_dc", "train_penalty",
                 "eval_loss", "eval_acc", "cos_to_stage1", "dc_end", "dc_grad_norm", "penalty_end",
                 "penalty_grad_norm", "trainable_params", "seconds")
@@ -36,14 +41,19 @@ STAGE1_FILE = "stage1.json"            # Stage 1's key, history and evaluations 
 SEQUENCES_FILE = "eval_sequences.json"  # per-sequence sums behind every entry of R
 EVAL_KEYS = ("A_base", "B_base", "A_after_stage1", "A_after_stage2", "B_after_stage2")
 DERIVED_KEYS = ("retention", "delta_loss_A", "gain_retained")
-SWEEP_KEYS = ("rank_auc_stage1_A", "rank_auc_final_B")  # from sweep.json; NaN when not swept
+# from sweep.json (`sweep_aucs`); NaN when not swept
+SWEEP_KEYS = ("rank_auc_loss_stage1_A", "rank_auc_acc_stage1_A", "rank_auc_loss_final_B",
+              "rank_auc_acc_final_B")
 SWEEP_COLUMNS = ("adapter", "adapter_rank", "domain", "kind", "scaling", "rank", "loss", "acc")
 # From R, for any number of stages T: "first" is the Stage-1 domain, "new" the last stage's.
 CL_KEYS = ("avg_final_acc", "bwt", "forgetting_first", "delta_loss_first", "delta_ppl_first",
-           "gain_retained_first", "forgetting_mean", "delta_loss_mean", "new_gain", "new_acc")
+           "gain_retained_first", "forgetting_mean", "delta_loss_mean", "new_gain", "new_acc",
+           "final_loss_first", "new_loss")
+# the same quantities on the validation texts (lambdas are chosen on these, never on R)
+VAL_KEYS = ("val_delta_loss_first", "val_new_gain")
 SUMMARY_COLUMNS = (("run", "method", "seed", "domains", "lambda", "variant")
                    + tuple(f"{k}_{m}" for k in EVAL_KEYS for m in ("loss", "acc"))
-                   + DERIVED_KEYS + CL_KEYS + SWEEP_KEYS + ("seconds",))
+                   + DERIVED_KEYS + CL_KEYS + VAL_KEYS + SWEEP_KEYS + ("seconds",))
 
 
 def run_dir(out: str | Path, method: str, seed: int) -> Path:
@@ -90,35 +100,95 @@ def derived_metrics(m: dict) -> dict:
     }
 
 
-def rank_auc(points: list[dict], key: str = "acc") -> float:
-    """Area under `key` versus log2(rank) over the swept ranks, divided by (the value at the
-    largest swept rank x the log2 width): 1.0 when every cut keeps the full-rank value.
-    NaN with fewer than two ranks or a zero full-rank value."""
-    pts = sorted((p["rank"], p[key]) for p in points)
-    if len(pts) < 2 or pts[-1][1] == 0:
+def gain_share(value: float, base: float, full: float, key: str = "loss") -> float:
+    """The share of an adapter's gain over the base model that a cut of it keeps: in loss
+    (base - L_k) / (base - L_full), in accuracy (acc_k - base) / (acc_full - base).
+    0 = the cut is no better than the base model, 1 = nothing lost. NaN when full = base."""
+    gain = (base - full) if key == "loss" else (full - base)
+    if gain == 0:
         return math.nan
-    xs, ys = [math.log2(r) for r, _ in pts], [y for _, y in pts]
-    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))  # trapezoids
-    return area / (ys[-1] * (xs[-1] - xs[0]))
+    return ((base - value) if key == "loss" else (value - base)) / gain
 
 
-def sweep_auc(rows: list[dict], adapter: str, domain: str, kind: str = "slice") -> float:
-    """`rank_auc` of the sweep rows of one adapter on one domain with one kind of cut."""
-    return rank_auc([r for r in rows if (r["adapter"], r["domain"], r["kind"]) == (adapter, domain, kind)])
+def rank_auc(shares: dict[int, float], own_rank: int, r_min: int, r_max: int) -> float:
+    """Area under the share of the gain kept ({rank: `gain_share`}) over log2(rank) from
+    r_min to r_max, divided by that width: 1.0 = every cut keeps all of the gain, 0.0 = none
+    does. The axis is common to every adapter of a config (r_min, r_max from the config, not
+    from the adapter): from its own rank up an adapter is used whole (share 1). Trapezoids
+    between the swept ranks. NaN when any share is NaN or r_max <= r_min."""
+    pts = {r: v for r, v in shares.items() if r_min <= r < own_rank}
+    pts.update({r: 1.0 for r in (own_rank, r_max) if r_min <= r <= r_max})
+    if r_max <= r_min or any(math.isnan(v) for v in pts.values()):
+        return math.nan
+    if r_min not in pts:
+        raise ValueError(f"rank_auc: no share at r_min={r_min} (ranks {sorted(shares)})")
+    ranks = sorted(pts)
+    xs, ys = [math.log2(r) for r in ranks], [pts[r] for r in ranks]
+    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
+    return area / (math.log2(r_max) - math.log2(r_min))
+
+
+def sweep_aucs(rows: list[dict], base: dict, full: dict, r_max: int, kind: str = "slice") -> dict:
+    """SWEEP_KEYS from one run's sweep rows: `rank_auc` in loss and accuracy of the Stage-1
+    adapter on A and the final adapter on B, cut by `kind`, on the axis [smallest swept
+    rank, r_max]. `base`, `full`: {"A": {"loss", "acc"}, "B": ...}, the base model on each
+    domain and the uncut adapter (Stage 1 on A, final on B) on it."""
+    out = {}
+    r_min = min((r["rank"] for r in rows), default=1)
+    for adapter, domain in (("stage1", "A"), ("final", "B")):
+        pts = [r for r in rows if (r["adapter"], r["domain"], r["kind"]) == (adapter, domain, kind)]
+        for key in ("loss", "acc"):
+            name = f"rank_auc_{key}_{adapter}_{domain}"
+            if not pts:
+                out[name] = math.nan
+                continue
+            shares = {p["rank"]: gain_share(p[key], base[domain][key], full[domain][key], key) for p in pts}
+            out[name] = rank_auc(shares, pts[0]["adapter_rank"], r_min, r_max)
+    return out
+
+
+def run_metrics(domains, loss: list[list[float]], acc: list[list[float]],
+                val: dict | None = None) -> dict:
+    """Everything `metrics.json` holds but the sweep keys, from the R matrices (rows t = 0..T):
+    `R`, the two-domain EVAL_KEYS and DERIVED_KEYS (T = 2 only), `cl_metrics`, `R_val` when
+    `val` ({"loss", "acc"} on the validation texts) is given, `schema_version`. The one writer
+    of these keys: runs and the tests' fake runs both call it."""
+    m = {}
+    if len(domains) == 2:
+        names = [("A_base", 0, 0), ("B_base", 0, 1), ("A_after_stage1", 1, 0),
+                 ("A_after_stage2", 2, 0), ("B_after_stage2", 2, 1)]
+        m.update({k: {"loss": loss[t][i], "acc": acc[t][i]} for k, t, i in names})
+        m.update(derived_metrics(m))
+    m["R"] = {"domains": list(domains), "loss": loss, "acc": acc}
+    if val is not None:
+        m["R_val"] = {"domains": list(domains), "loss": val["loss"], "acc": val["acc"]}
+    m.update(cl_metrics(acc, loss))
+    m["schema_version"] = SCHEMA_VERSION
+    return m
 
 
 def cl_columns(m: dict) -> dict:
-    """The CL_KEYS of one run's metrics.json; all NaN for schema-2 files (no R matrix)."""
+    """The CL_KEYS and VAL_KEYS of one run's metrics.json; NaN where the file has no R (schema
+    2) or no R_val. Schema 3 kept the per-domain list under `gain_retained`."""
+    out = dict.fromkeys(CL_KEYS + VAL_KEYS, math.nan)
     if "R" not in m:
-        return dict.fromkeys(CL_KEYS, math.nan)
+        return out
     loss, acc = m["R"]["loss"], m["R"]["acc"]
     T = len(acc) - 1
     mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
-    return {"avg_final_acc": m["avg_final_acc"], "bwt": m["bwt"],
-            "forgetting_first": m["forgetting"][0], "delta_loss_first": m["delta_loss"][0],
-            "delta_ppl_first": m["delta_ppl"][0], "gain_retained_first": m["gain_retained"][0],
-            "forgetting_mean": mean(m["forgetting"]), "delta_loss_mean": mean(m["delta_loss"]),
-            "new_gain": loss[0][T - 1] - loss[T][T - 1], "new_acc": acc[T][T - 1]}
+    per_domain = m.get("gain_retained_per_domain", m.get("gain_retained"))
+    first = lambda xs: xs[0] if xs else math.nan  # noqa: E731
+    out.update({"avg_final_acc": m["avg_final_acc"], "bwt": m["bwt"],
+                "forgetting_first": first(m["forgetting"]), "delta_loss_first": first(m["delta_loss"]),
+                "delta_ppl_first": first(m["delta_ppl"]), "gain_retained_first": first(per_domain),
+                "forgetting_mean": mean(m["forgetting"]), "delta_loss_mean": mean(m["delta_loss"]),
+                "new_gain": loss[0][T - 1] - loss[T][T - 1], "new_acc": acc[T][T - 1],
+                "final_loss_first": loss[T][0], "new_loss": loss[T][T - 1]})
+    if "R_val" in m:
+        vl = m["R_val"]["loss"]
+        out.update(val_delta_loss_first=vl[T][0] - vl[1][0] if T > 1 else math.nan,
+                   val_new_gain=vl[0][T - 1] - vl[T][T - 1])
+    return out
 
 
 def run_lambda(cfg: dict) -> float:
@@ -144,6 +214,8 @@ def summary_row(run: Path) -> dict:
     for k in EVAL_KEYS:
         row[f"{k}_loss"], row[f"{k}_acc"] = (m[k]["loss"], m[k]["acc"]) if k in m else (math.nan,) * 2
     row.update({k: m.get(k, math.nan) for k in DERIVED_KEYS})
+    if isinstance(row["gain_retained"], list):  # schema 3: the per-domain list overwrote it
+        row["gain_retained"] = row["gain_retained"][0] if len(m["R"]["domains"]) == 2 else math.nan
     row.update(cl_columns(m))
     row.update({k: m.get(k, math.nan) for k in SWEEP_KEYS})
     row["seconds"] = sum(h["seconds"] for h in read_json(run / "history.json"))
@@ -282,9 +354,9 @@ def cl_metrics(acc: list[list[float]], loss: list[list[float]],
                single_acc: list[float] | None = None) -> dict:
     """Continual-learning metrics from R matrices R[t][i] (t = 0 base model, t = 1..T after
     stage t; domain i is trained in stage i + 1). Per earlier domain i < T - 1:
-    forgetting = max over stages t = i+1..T-1 of acc[t][i] - acc[T][i]; delta_loss =
-    loss[T][i] - loss[i+1][i] (nats/token); delta_ppl the same in perplexity; gain_retained =
-    (loss[0][i] - loss[T][i]) / (loss[0][i] - loss[i+1][i]). Over all: avg_final_acc =
+    forgetting = max over stages t = i+1..T-1 of acc[t][i] - acc[T][i] (accuracy); delta_loss =
+    loss[T][i] - loss[i+1][i] (nats/token); delta_ppl the same in perplexity;
+    gain_retained_per_domain = (loss[0][i] - loss[T][i]) / (loss[0][i] - loss[i+1][i]). Over all: avg_final_acc =
     mean_i acc[T][i]; bwt = mean over earlier domains of acc[T][i] - acc[i+1][i]. With
     `single_acc` (accuracy of training on domain i alone): plasticity[i] =
     (acc[i+1][i] - acc[0][i]) / (single_acc[i] - acc[0][i])."""
@@ -298,8 +370,8 @@ def cl_metrics(acc: list[list[float]], loss: list[list[float]],
         "forgetting": [max(acc[t][i] for t in range(i + 1, T)) - acc[T][i] for i in earlier],
         "delta_loss": [loss[T][i] - loss[i + 1][i] for i in earlier],
         "delta_ppl": [math.exp(loss[T][i]) - math.exp(loss[i + 1][i]) for i in earlier],
-        "gain_retained": [(loss[0][i] - loss[T][i]) / (loss[0][i] - loss[i + 1][i])
-                          if loss[0][i] != loss[i + 1][i] else math.nan for i in earlier],
+        "gain_retained_per_domain": [(loss[0][i] - loss[T][i]) / (loss[0][i] - loss[i + 1][i])
+                                     if loss[0][i] != loss[i + 1][i] else math.nan for i in earlier],
     }
     if single_acc is not None:
         out["plasticity"] = [(acc[i + 1][i] - acc[0][i]) / (single_acc[i] - acc[0][i])

@@ -33,8 +33,8 @@ from .losses import causal_lm_sums, ordering_penalty
 from .methods import LAMBDA_FIELDS, Method, get_method
 from .nested import nested_training
 from .ranks import sweep_run
-from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, cl_metrics, derived_metrics,
-                      read_json, run_dir, summary_row, sweep_auc, write_json_atomic, write_summary)
+from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, run_dir, run_metrics,
+                      summary_row, sweep_aucs, write_json_atomic, write_summary)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,8 +149,9 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
         # Done once per (re)build, not per step: the live factor list and the frozen
         # previous-stage vectors cut to the current rank (so elements line up: defect 4).
         factors = [(a, b) for _, a, b, _ in lora_factors(model)]
+        scalings = [s for *_, s in lora_factors(model)]
         w_prev = flatten_factors(cos_ref.factors, rank) if cos_ref is not None else None
-        terms = regularizer_terms(cfg, method, stage, factors, rank, reference)
+        terms = regularizer_terms(cfg, method, stage, factors, rank, reference, scalings)
         skip = start_step if epoch == start_epoch else 0
         sums = _zero_sums(device)
         if skip and saved_sums is not None:
@@ -236,10 +237,12 @@ def check_same_run(run: Path, config: dict, ignore: tuple[str, ...] = ()) -> Non
                          f"Use another output folder, or delete {run} to start it over.")
 
 
-def stage_seed(seed: int, stage: int) -> int:
-    """The seed a stage >= 2 starts from: later stages do not depend on how many random
-    numbers earlier stages drew, so runs with the same Stage 1 can share it."""
-    return int(np.random.SeedSequence([seed, stage]).generate_state(1)[0])
+def stage_seed(seed: int, stage: int, stream: int = 0) -> int:
+    """The seed a stage >= 2 starts from (stream 0): later stages do not depend on how many
+    random numbers earlier stages drew, so runs with the same Stage 1 can share it. Stream 1
+    seeds the random init of a new adapter (`continual.stage_model`) apart from training."""
+    key = [seed, stage] + ([stream] if stream else [])
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 def stage1_key(cfg: ExperimentConfig, method: Method, seed: int) -> dict:
@@ -259,7 +262,8 @@ def _shared_stage1(out_dir: Path, rd: Path, key: dict) -> Path | None:
 
 
 def legacy_metrics(domains, evals: list[list[dict]]) -> dict:
-    """The two-domain keys (A = Stage-1 domain, B = Stage-2 domain) from the R matrix rows so far."""
+    """The two-domain keys (A = Stage-1 domain, B = Stage-2 domain) from the R matrix rows so
+    far (an unfinished run's partial metrics; a finished run's come from `run_metrics`)."""
     if len(domains) != 2:
         return {}
     names = [("A_base", 0, 0), ("B_base", 0, 1), ("A_after_stage1", 1, 0),
@@ -300,12 +304,13 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     device = resolve_device(cfg.device)
     amp_dtype = choose_amp_dtype(cfg.mixed_precision, device)  # decided once for the run
     key = stage1_key(cfg, m, seed)
-    position, history, evals, state = (1, 1, 0), [], [], None
+    position, history, evals, val_evals, state = (1, 1, 0), [], [], [], None
     found = load_checkpoint(rd, cfg, device)
     donor = _shared_stage1(out_dir, rd, key) if found is None and cfg.share_stage1 else None
     if found is not None:
         (model, state, saved), tok = found, load_tokenizer(cfg)
         position, history, evals = tuple(saved["position"]), saved["history"], saved["evals"]
+        val_evals = saved.get("val_evals", [])
     elif donor is not None:  # Stage 1 done elsewhere: take its adapter, history and evaluations
         shared = read_json(donor / STAGE1_FILE)
         copy_dir(donor / "adapter_stage1", rd / "adapter_stage1")
@@ -313,13 +318,17 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
                           indent=None)
         model, tok = load_adapter(cfg, rd / "adapter_stage1", device, trainable=True), load_tokenizer(cfg)
         position, history, evals = (2, 1, 0), shared["history"], shared["evals"]
+        val_evals = shared.get("val_evals", [])
     else:
         model, tok = build_model(cfg, device, r=m.train_rank(cfg))
     loaders = [make_loaders(cfg, tok, domain, seed) for domain in cfg.domains]
-    train_sets = [train.dataset for train, _ in loaders]
+    train_sets = [ld.train.dataset for ld in loaders]
 
-    def evaluate_all(model) -> list[dict]:  # one row of R: every domain, with per-sequence sums
-        return [evaluate_loss_and_token_acc(model, ev, amp_dtype, per_sequence=True) for _, ev in loaders]
+    def evaluate_all(model) -> None:  # one row of R (every domain, per-sequence sums) and of R_val
+        evals.append([evaluate_loss_and_token_acc(model, ld.eval, amp_dtype, per_sequence=True)
+                      for ld in loaders])
+        if cfg.n_val:
+            val_evals.append([evaluate_loss_and_token_acc(model, ld.val, amp_dtype) for ld in loaders])
 
     def metrics_so_far() -> dict:
         return legacy_metrics(cfg.domains, evals)
@@ -327,7 +336,7 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     def checkpoint(model, pos, st, rows) -> None:
         done = [h for h in history if h["stage"] < pos[0]] + rows
         write_json_atomic(rd / "history.json", done)  # live history, for plotting mid-run
-        save_checkpoint(rd, model, pos, st, {"history": done, "evals": evals})
+        save_checkpoint(rd, model, pos, st, {"history": done, "evals": evals, "val_evals": val_evals})
 
     def result(complete: bool) -> dict:
         return {"config": config, "history": history, "metrics": metrics_so_far(), "complete": complete}
@@ -335,7 +344,7 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     if stop_after_stage is not None and position[0] > stop_after_stage:
         return result(False)
     if not evals:  # LoRA B starts at zero, so the fresh PEFT model computes the base model
-        evals.append(evaluate_all(model))
+        evaluate_all(model)
     for stage in range(position[0], n_stages + 1):
         resume = None
         if state is not None and stage == position[0] and position[1:] != (1, 0):
@@ -345,39 +354,38 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
             if resume is None:  # a fresh start of the stage: its own seed, then any new adapter
                 set_seed(stage_seed(seed, stage))
                 if m.adapter != "continue":
-                    model = stage_model(cfg, m, rd, stage, device)
+                    model = stage_model(cfg, m, rd, stage, device, stage_seed(seed, stage, 1))
             elif m.adapter == "add":  # the checkpoint holds only the new adapter
-                model = _with_factors(stage_model(cfg, m, rd, stage, device), model)
+                model = _with_factors(stage_model(cfg, m, rd, stage, device, stage_seed(seed, stage, 1)), model)
         reference = stage_reference(cfg, m, rd, stage, train_sets, device)
         data, length = stage_train_set(cfg, train_sets, stage, m.data)
         model, rows = train_stage(model, cfg, m, stage, train_loader(cfg, data, seed, length),
-                                  loaders[stage - 1][1], m.stage_ranks(cfg, stage),
+                                  loaders[stage - 1].eval, m.stage_ranks(cfg, stage),
                                   reference=reference, amp_dtype=amp_dtype, progress=progress,
                                   resume=resume, checkpoint=checkpoint)
         history[:] = [h for h in history if h["stage"] < stage] + rows
-        evals[stage:] = [evaluate_all(model)]
+        del evals[stage:], val_evals[stage:]
+        evaluate_all(model)
         save_adapter(model, adapter_dir(rd, stage, n_stages))
         if stage == 1:
-            write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals}, indent=None)
+            write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals,
+                                                 "val_evals": val_evals}, indent=None)
         if stage < n_stages:
             checkpoint(model, (stage + 1, 1, 0), {}, [])
             if stop_after_stage == stage:
                 return result(False)
-    metrics = metrics_so_far()
-    if n_stages == 2:
-        metrics.update(derived_metrics(metrics))
-    metrics["R"] = {"domains": list(cfg.domains),
-                    "loss": [[e["loss"] for e in row] for row in evals],
-                    "acc": [[e["acc"] for e in row] for row in evals]}
-    metrics.update(cl_metrics(metrics["R"]["acc"], metrics["R"]["loss"]))
+    matrix = lambda rows, x: [[e[x] for e in row] for row in rows]  # noqa: E731
+    val = {x: matrix(val_evals, x) for x in ("loss", "acc")} if cfg.n_val else None
+    metrics = run_metrics(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"), val)
     if cfg.sweep_ranks and cfg.sweep_kinds and n_stages == 2 and m.adapter == "continue":
         kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
         del model  # the sweep loads both adapters back from disk
-        sweep = sweep_run(rd, cfg, {"A": loaders[0][1], "B": loaders[1][1]}, cfg.sweep_ranks, kinds,
+        sweep = sweep_run(rd, cfg, {"A": loaders[0].eval, "B": loaders[1].eval}, cfg.sweep_ranks, kinds,
                           device, amp_dtype, progress)
-        metrics.update(rank_auc_stage1_A=sweep_auc(sweep, "stage1", "A"),
-                       rank_auc_final_B=sweep_auc(sweep, "final", "B"))
-    metrics["schema_version"] = SCHEMA_VERSION  # no timings here: same seed, same file
+        base = {"A": metrics["A_base"], "B": metrics["B_base"]}
+        full = {"A": metrics["A_after_stage1"], "B": metrics["B_after_stage2"]}
+        metrics.update(sweep_aucs(sweep, base, full, r_max=max(cfg.r, *cfg.sweep_ranks)))
+    # no timings in metrics.json: same seed, same file
     write_json_atomic(rd / "history.json", history)
     write_json_atomic(rd / SEQUENCES_FILE, {"domains": list(cfg.domains),
                                             "R": [[e["seq"] for e in row] for row in evals]}, indent=None)

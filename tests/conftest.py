@@ -39,14 +39,14 @@ def randomize_lora(model, seed: int = 0, scale: float = 0.5) -> None:
 
 
 def write_fake_run(d, method: str, seed: int, metrics: dict, history: list) -> None:
-    """A finished two-domain run folder from hand-written legacy metrics (A_base, B_base,
-    A_after_stage1, A_after_stage2, B_after_stage2): adds the full config and the R matrix
-    (B after Stage 1 taken equal to B_base) with its cl_metrics, as run_experiment writes them."""
-    from hybrid_lora.results import cl_metrics, write_json_atomic
+    """A finished two-domain run folder from hand-written evaluations (A_base, B_base,
+    A_after_stage1, A_after_stage2, B_after_stage2; B after Stage 1 taken equal to B_base),
+    its metrics.json written by `results.run_metrics`, the same code path as a real run."""
+    from hybrid_lora.results import run_metrics, write_json_atomic
 
     write_json_atomic(d / "config.json", {**ExperimentConfig.smoke().to_dict(), "method": method, "seed": seed})
     write_json_atomic(d / "history.json", history)
     keys = [["A_base", "B_base"], ["A_after_stage1", "B_base"], ["A_after_stage2", "B_after_stage2"]]
     R = {x: [[metrics[k][x] for k in row] for row in keys] for x in ("loss", "acc")}
-    write_json_atomic(d / "metrics.json", {**metrics, "R": {"domains": ["imdb", "yelp"], **R},
-                                           **cl_metrics(R["acc"], R["loss"])})
+    extra = {k: v for k, v in metrics.items() if k.startswith("rank_auc")}
+    write_json_atomic(d / "metrics.json", {**run_metrics(("imdb", "yelp"), R["loss"], R["acc"]), **extra})

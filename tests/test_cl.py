@@ -42,12 +42,25 @@ def test_delta_w_l2_equals_the_full_matrix_norm_and_ignores_reparametrisation():
     scalings = [0.5, 2.0]
     slow = sum(float(((s * b @ a) - (s * b0 @ a0)).square().sum())
                for (a, b), (a0, b0), s in zip(cur, prev, scalings))
-    assert float(delta_w_l2(cur, prev, scalings)) == pytest.approx(slow, rel=1e-10)
-    assert float(delta_w_l2(reparametrise(cur, 2), prev, scalings)) == pytest.approx(slow, rel=1e-8)
-    # the naive L2 on A and B separately is not invariant
+    assert float(delta_w_l2(cur, prev, scalings, scalings)) == pytest.approx(slow, rel=1e-10)
+    assert float(delta_w_l2(reparametrise(cur, 2), prev, scalings, scalings)) == pytest.approx(slow, rel=1e-8)
+    # the naive L2 on A and B separately is not invariant (the line below compares cur with itself)
     naive = lambda f: sum(float((a - a0).square().sum() + (b - b0).square().sum())  # noqa: E731
                           for (a, b), (a0, b0) in zip(f, cur))
     assert naive(reparametrise(cur, 2)) > 1e-3 and naive(cur) == 0
+
+
+def test_defect3_delta_w_l2_takes_each_adapters_own_scaling():
+    """Review defect 3: ||s B A - s0 B0 A0||_F^2 with s != s0 (another rank or alpha in the
+    previous stage); the old code multiplied B0 A0 by the new adapter's scaling."""
+    cur, prev = factor_pairs(0, ranks=(2, 3)), factor_pairs(1, ranks=(4, 1))
+    scalings, prev_scalings = [2.0, 0.25], [0.5, 3.0]
+    slow = sum(float(((s * b @ a) - (s0 * b0 @ a0)).square().sum())
+               for (a, b), (a0, b0), s, s0 in zip(cur, prev, scalings, prev_scalings))
+    assert float(delta_w_l2(cur, prev, scalings, prev_scalings)) == pytest.approx(slow, rel=1e-10)
+    one_scaling = sum(float(((s * b @ a) - (s * b0 @ a0)).square().sum())
+                      for (a, b), (a0, b0), s in zip(cur, prev, scalings))
+    assert abs(slow - one_scaling) > 1.0  # the old formula is measurably wrong here
 
 
 def test_ewc_and_olora_against_loops():
@@ -97,7 +110,8 @@ def test_cl_metrics_on_a_hand_written_r_matrix():
     assert m["forgetting"] == pytest.approx([0.50 - 0.45, 0.60 - 0.50])  # max over stages 1-2, then 2
     assert m["delta_loss"] == pytest.approx([1.0, 0.5])
     assert m["delta_ppl"] == pytest.approx([math.exp(4.0) - math.exp(3.0), math.exp(2.5) - math.exp(2.0)])
-    assert m["gain_retained"] == pytest.approx([(5.0 - 4.0) / 2.0, (4.0 - 2.5) / 2.0])
+    assert m["gain_retained_per_domain"] == pytest.approx([(5.0 - 4.0) / 2.0, (4.0 - 2.5) / 2.0])
+    assert "gain_retained" not in m  # the two-domain number's key (defect 1 of the review)
     assert m["plasticity"] == pytest.approx([0.4 / 0.45, 0.4 / 0.4, 0.4 / 0.5])
     with pytest.raises(ValueError, match="R matrices"):
         cl_metrics(acc[:1], loss[:1])

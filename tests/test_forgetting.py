@@ -58,8 +58,9 @@ def test_a_three_stage_sequence_runs_end_to_end_for_every_method(three_runs):
     # the base row is the same base model for every method; Stage 1 is shared where it is the same
     assert len({json.dumps(r["metrics"]["R"]["loss"][0]) for r in results.values()}) == 1
     stage1 = {m: json.dumps(r["metrics"]["R"]["loss"][1]) for m, r in results.items()}
-    assert len({stage1[m] for m in results if m not in ("hybrid",)}) == 1
+    assert len({stage1[m] for m in results if m not in ("hybrid", "multitask")}) == 1
     assert stage1["hybrid"] != stage1["lora"]  # ordering term in Stage 1
+    assert stage1["multitask"] != stage1["lora"]  # all domains from Stage 1 on
 
 
 def test_each_regularizer_acts_and_changes_the_result(three_runs):
@@ -69,7 +70,7 @@ def test_each_regularizer_acts_and_changes_the_result(three_runs):
         later = [h for h in results[method]["history"] if h["stage"] > 1]
         assert all(h[f"{column}_grad_norm"] > 0 and h[f"{column}_end"] > 0 for h in later), method
         assert final[method] != final["lora"], method
-    for method in ("lora", "replay", "joint", "freeze_add", "single"):
+    for method in ("lora", "replay", "cumulative", "multitask", "freeze_add", "single"):
         assert all(h["penalty_end"] is None and h["dc_end"] is None for h in results[method]["history"])
     for method in CL_METHODS + ("lora",):
         if method not in ("l2", "ewc", "olora"):
@@ -110,7 +111,8 @@ def test_freeze_and_add_final_model_is_base_plus_every_stage_adapter(three_runs)
 
 def test_shared_stage1_gives_the_numbers_of_training_it_again(tmp_path, three_runs):
     cfg, out, results = three_runs
-    assert read_json(run_dir(out, "l2", 42) / "stage1.json")["copied_from"] in ("lora/seed42", "dc/seed42")
+    assert read_json(run_dir(out, "l2", 42) / "stage1.json")["copied_from"] in (
+        "lora/seed42", "dc/seed42", "single/seed42", "cumulative/seed42")
     alone = run_experiment(dataclasses.replace(cfg, share_stage1=False), "l2", 42, tmp_path, progress=False)
     assert "copied_from" not in read_json(run_dir(tmp_path, "l2", 42) / "stage1.json")
     assert alone["metrics"] == results["l2"]["metrics"]
@@ -150,11 +152,11 @@ def test_a_stage1_record_without_its_adapter_is_not_shared(tmp_path):
     assert dc["metrics"]["R"]["loss"][:2] == lora["metrics"]["R"]["loss"][:2]  # trained again, same Stage 1
 
 
-def test_replay_and_joint_training_sets(cfg):
+def test_replay_cumulative_and_multitask_training_sets(cfg):
     cfg = dataclasses.replace(cfg, domains=THREE, n_train=100, replay_fraction=0.05, epochs_stage2=1,
                               rank_schedule=(8,))
     tok = load_tokenizer(cfg)
-    sets = [make_loaders(cfg, tok, d, 0)[0].dataset for d in THREE]
+    sets = [make_loaders(cfg, tok, d, 0).train.dataset for d in THREE]
     current, length = stage_train_set(cfg, sets, 3, "current")
     assert current is sets[2] and length is None
     replay, length = stage_train_set(cfg, sets, 3, "replay")
@@ -164,9 +166,13 @@ def test_replay_and_joint_training_sets(cfg):
     assert rows <= earlier and len(rows) == 10  # ten distinct samples of the two earlier domains
     again, _ = stage_train_set(cfg, sets, 3, "replay")
     assert [again[j][0].tolist() for j in range(100, 110)] == [replay[j][0].tolist() for j in range(100, 110)]
-    joint, length = stage_train_set(cfg, sets, 2, "joint")
-    assert len(joint) == 200 and length == 100  # the union, epochs as long as one domain's
-    assert stage_train_set(cfg, sets, 1, "joint")[0] is sets[0]
+    cumulative, length = stage_train_set(cfg, sets, 2, "cumulative")
+    assert len(cumulative) == 200 and length == 100  # the union so far, epochs as long as one domain's
+    assert stage_train_set(cfg, sets, 1, "cumulative")[0] is sets[0]
+    for stage in (1, 2, 3):  # multitask: every domain in every stage, Stage 1 included
+        union, length = stage_train_set(cfg, sets, stage, "all")
+        assert len(union) == 300 and length == 100
+        assert torch.equal(union[250][0], sets[2][50][0])
     with pytest.raises(ValueError, match="data='mixed'"):
         stage_train_set(cfg, sets, 2, "mixed")
 
@@ -207,8 +213,9 @@ def test_bootstrap_counts_and_stat_against_a_loop():
 
 
 def _fake_run(out, run, method, seed, R_nll, tokens, lam=None, extra=None):
-    """A finished run folder with hand-written per-sequence sums R_nll[t][i] (lists of floats)."""
-    from hybrid_lora.results import cl_metrics, write_json_atomic
+    """A finished run folder with hand-written per-sequence sums R_nll[t][i] (lists of floats);
+    metrics.json written by `run_metrics`, as a real run's."""
+    from hybrid_lora.results import run_metrics, write_json_atomic
 
     d = run_dir(out, run, seed)
     loss = [[sum(e) / sum(tokens) for e in row] for row in R_nll]
@@ -216,8 +223,7 @@ def _fake_run(out, run, method, seed, R_nll, tokens, lam=None, extra=None):
     cfg = {**ExperimentConfig.smoke().to_dict(), "method": method, "seed": seed, **(extra or {})}
     write_json_atomic(d / "config.json", cfg)
     write_json_atomic(d / "history.json", [{"seconds": 1.0}])
-    m = {"R": {"domains": ["imdb", "yelp"], "loss": loss, "acc": acc}, **cl_metrics(acc, loss)}
-    write_json_atomic(d / "metrics.json", m)
+    write_json_atomic(d / "metrics.json", run_metrics(["imdb", "yelp"], loss, acc))
     write_json_atomic(d / SEQUENCES_FILE, {"domains": ["imdb", "yelp"], "R": [
         [{"nll": e, "tokens": tokens, "hits": [1] * len(e)} for e in row] for row in R_nll]})
 
@@ -239,10 +245,21 @@ def test_cl_table_against_hand_computed_differences(tmp_path):
     assert table.loc["l2", "lambda"] == 0.5 and math.isnan(table.loc["lora", "lambda"])
     # l2 - lora: seed 1: 0.1 - 0.6; seed 2: 0.1 - 0.5 -> -0.45; every resample is below 0
     assert table.loc["l2", "d_forget"] == pytest.approx(-0.45)
-    assert table.loc["l2", "d_forget_hi"] < 0 and table.loc["l2", "forgets_less"]
+    assert table.loc["l2", "d_forget_hi"] < 0
     assert table.loc["l2", "seeds_forget_less"] == 2 and table.loc["single", "seeds_forget_less"] == 0
     assert table.loc["l2", "d_new_loss"] == pytest.approx(7.0 - 6.0)
-    assert not table.loc["lora", "forgets_less"] and math.isnan(table.loc["lora", "d_forget"])
+    assert not table.loc["lora", "forgets_less_seed"] and math.isnan(table.loc["lora", "d_forget"])
+    # seed level: differences -0.5, -0.4; mean -0.45, s.d. 0.1 / sqrt(2); t(0.975, 1) = 12.7062:
+    # half-width 12.7062 * 0.0707107 / sqrt(2) = 0.635310. The bootstrap over sequences says
+    # "below zero"; two seeds cannot, and the table says so.
+    half = 12.7062047 * (0.1 / math.sqrt(2)) / math.sqrt(2)
+    assert table.loc["l2", "d_forget_seed"] == pytest.approx(-0.45)
+    assert (table.loc["l2", "d_forget_seed_lo"], table.loc["l2", "d_forget_seed_hi"]) == pytest.approx(
+        (-0.45 - half, -0.45 + half), rel=1e-6)
+    assert not table.loc["l2", "forgets_less_seed"]
+    # new gain: l2 8.0 - 7.0 = 1.0 against lora's 8.0 - 6.0 = 2.0 in both seeds (no spread)
+    assert table.loc["l2", "d_new_gain_seed"] == pytest.approx(-1.0)
+    assert table.loc["l2", "d_new_gain_seed_lo"] == pytest.approx(-1.0)
     # new gain: base 8.0 - final 7.0; plasticity: loss gain over single's (8.0 - 5.0)
     assert table.loc["l2", "new_gain"] == pytest.approx(1.0)
     assert table.loc["l2", "plasticity_new"] == pytest.approx(1.0 / 3.0)
@@ -292,7 +309,8 @@ def test_lambda_sweep_runs_are_named_and_share_stage1(tmp_path):
 def test_sequences_presets_and_domain_validation():
     assert SEQUENCES["imdb-code-yelp"] == ("imdb", "code", "yelp")
     cfg = from_preset("forgetting", sequence="code-imdb", data_dir="/data")
-    assert cfg.domains == ("code", "imdb") and cfg.data_source == "local" and "joint" in cfg.methods
+    assert cfg.domains == ("code", "imdb") and cfg.data_source == "local" and "multitask" in cfg.methods
+    assert len(cfg.seeds) == 5 and cfg.n_val > 0  # study presets: 5 seeds, validation texts
     assert from_preset("smoke", sequence="imdb-code").domains == ("imdb", "code")
     with pytest.raises(ValueError, match="sequence='imdb-news'"):
         from_preset("forgetting", sequence="imdb-news")
@@ -310,6 +328,6 @@ def test_sequences_presets_and_domain_validation():
 
 
 def test_builtin_code_domain_is_python(cfg):
-    train, test = load_texts(dataclasses.replace(cfg, domains=("imdb", "code")), "code")
+    train, test, _ = load_texts(dataclasses.replace(cfg, domains=("imdb", "code")), "code")
     assert all(t.startswith("def ") and "return" in t for t in train + test)
     compile(train[0], "<builtin>", "exec")  # valid Python source

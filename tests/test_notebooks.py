@@ -66,7 +66,7 @@ def executed(tmp_path_factory):
         "05_rank_sweep.ipynb": {"SMOKE": True, "OUT_DIR": str(work / "sweep"), "SEEDS": [42]},
         "06_forgetting.ipynb": {"SMOKE": True, "OUT_DIR": str(work / "forgetting"), "SEEDS": [42, 43],
                                 "METHODS": ["lora", "dc", "single", "l2", "freeze_add"],
-                                "LAMBDAS": {"dc": [1.0]}, "N_TRAIN": 64, "N_EVAL": 32},
+                                "LAMBDAS": {"dc": [1.0]}, "N_TRAIN": 64, "N_EVAL": 32, "N_VAL": 16},
     }
     seconds, texts = {}, {}
     for name in NOTEBOOKS:
@@ -127,9 +127,11 @@ def test_forgetting_notebook_tables_and_plots_every_method_and_lambda(executed):
     assert set(table.index) == {"lora", "dc", "dc_lam1", "single", "l2", "freeze_add"}
     assert (table["n_seeds"] == 2).all() and table.loc["dc_lam1", "lambda"] == 1.0
     assert table.drop(index="lora")["d_forget_lo"].notna().all()
+    assert table.drop(index="lora")["d_forget_seed_lo"].notna().all()  # seed-level, 2 seeds
     assert (out / "images" / "pareto.png").exists()
     text = executed["texts"]["06_forgetting.ipynb"]
     assert "after stage 2 (code)" in text and "dc_grad_norm" in text
+    assert "lambda_star" in text  # the matched-gain table of the dc sweep
 
 
 def summary_lines(path: Path) -> list[str]:

@@ -64,7 +64,7 @@ def test_defect1_dc_changes_the_adapter(runs):
 def test_defect2_domain_A_is_evaluated_after_each_stage_from_its_own_adapter(runs):
     cfg, out, results = runs
     tok = load_tokenizer(cfg)
-    _, eval_a = make_loaders(cfg, tok, cfg.domains[0], seed=0)
+    eval_a = make_loaders(cfg, tok, cfg.domains[0], seed=0).eval
     for m in METHODS:
         metrics = results[m]["metrics"]
         for which, key in (("adapter_stage1", "A_after_stage1"), ("adapter_final", "A_after_stage2")):

@@ -9,7 +9,7 @@ from hybrid_lora.data import make_loaders
 from hybrid_lora.evaluate import evaluate_loss_and_token_acc
 from hybrid_lora.nested import nested_training, rank_distribution
 from hybrid_lora.ranks import lora_svd, rank_sweep, svd_truncate_factors
-from hybrid_lora.results import rank_auc, read_json, run_dir
+from hybrid_lora.results import gain_share, rank_auc, read_json, run_dir, sweep_aucs
 from hybrid_lora.train import make_optimizer, run_experiment
 
 from conftest import randomize_lora, tiny_config
@@ -165,12 +165,35 @@ def test_slice_sweep_equals_a_rebuilt_lower_rank_model(cfg, trained, scaling, re
     assert evaluate_loss_and_token_acc(model, loader)["loss"] != points[0]["loss"]
 
 
-def test_rank_auc_on_hand_numbers():
-    pts = [{"rank": 1, "acc": 0.2}, {"rank": 4, "acc": 0.4}, {"rank": 2, "acc": 0.3}]
-    # log2 ranks 0, 1, 2: trapezoids (0.2 + 0.3)/2 + (0.3 + 0.4)/2 = 0.6; / (0.4 * 2)
-    assert rank_auc(pts) == pytest.approx(0.75)
-    assert rank_auc([{"rank": k, "acc": 0.5} for k in (1, 2, 8)]) == pytest.approx(1.0)
-    assert math.isnan(rank_auc(pts[:1]))
+def test_defect4_rank_auc_is_the_share_of_the_gain_kept_on_a_common_axis():
+    """Review defect 4: normalised by full-rank accuracy, an adapter that keeps nothing of
+    its gain scored about 0.89. Now 1 = every cut keeps all the gain, 0 = none does."""
+    # base loss 5.0, full adapter (rank 8) 4.0: a cut at 4.5 keeps half of the gain
+    assert gain_share(4.5, 5.0, 4.0, "loss") == pytest.approx(0.5)
+    assert gain_share(0.3, 0.2, 0.4, "acc") == pytest.approx(0.5)
+    assert math.isnan(gain_share(4.5, 5.0, 5.0, "loss"))
+    # keeps everything at every rank: 1
+    assert rank_auc({1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}, own_rank=8, r_min=1, r_max=8) == pytest.approx(1.0)
+    # keeps nothing below its own rank 8 (axis log2 0..3): trapezoid (0 + 1)/2 over the last unit
+    assert rank_auc({1: 0.0, 2: 0.0, 4: 0.0, 8: 1.0}, own_rank=8, r_min=1, r_max=8) == pytest.approx(0.5 / 3)
+    # the same cuts, the adapter at rank 64 on the axis to 64: (0 ... 0 at 1..32, 1 at 64) -> 0.5 / 6
+    zeros = {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0, 16: 0.0, 32: 0.0, 64: 1.0}
+    assert rank_auc(zeros, own_rank=64, r_min=1, r_max=64) == pytest.approx(0.5 / 6)
+    # a rank-2 adapter on the common axis to 8: used whole from rank 2 up ->
+    # (0.5 + 1)/2 over [0, 1], then 1 over [1, 3]: (0.75 + 2) / 3
+    assert rank_auc({1: 0.5, 2: 1.0}, own_rank=2, r_min=1, r_max=8) == pytest.approx(2.75 / 3)
+    # hand numbers: shares 0.2, 0.6 at ranks 1, 2 of a rank-4 adapter (axis 0..2):
+    # (0.2 + 0.6)/2 + (0.6 + 1)/2 = 1.2, / 2
+    assert rank_auc({1: 0.2, 2: 0.6, 4: 1.0}, own_rank=4, r_min=1, r_max=4) == pytest.approx(0.6)
+    assert math.isnan(rank_auc({1: math.nan, 4: 1.0}, own_rank=4, r_min=1, r_max=4))
+    # from sweep rows, in loss and accuracy
+    rows = [{"adapter": "stage1", "adapter_rank": 4, "domain": "A", "kind": "slice", "rank": k,
+             "loss": loss, "acc": acc} for k, loss, acc in ((1, 4.8, 0.12), (2, 4.4, 0.16), (4, 4.0, 0.2))]
+    aucs = sweep_aucs(rows, {"A": {"loss": 5.0, "acc": 0.1}, "B": {"loss": 5.0, "acc": 0.1}},
+                      {"A": {"loss": 4.0, "acc": 0.2}, "B": {"loss": 4.0, "acc": 0.2}}, r_max=4)
+    assert aucs["rank_auc_loss_stage1_A"] == pytest.approx(0.6)
+    assert aucs["rank_auc_acc_stage1_A"] == pytest.approx(0.6)
+    assert math.isnan(aucs["rank_auc_loss_final_B"])  # no rows for it
 
 
 def test_nested_and_small_methods_run_through_the_pipeline(tmp_path):
@@ -185,6 +208,6 @@ def test_nested_and_small_methods_run_through_the_pipeline(tmp_path):
     assert slices == {("stage1", d, k) for d in "AB" for k in (1, 2, 4, 8)} | \
         {("final", d, k) for d in "AB" for k in (1, 2)}
     assert {r["scaling"] for r in sweep if r["kind"] == "slice"} == {"dylora"}
-    assert 0 < nested["metrics"]["rank_auc_stage1_A"] <= 1.5
+    assert 0 < nested["metrics"]["rank_auc_loss_stage1_A"] <= 1.5
     final_b = [r for r in sweep if (r["adapter"], r["domain"], r["kind"], r["rank"]) == ("final", "B", "slice", 2)]
     assert final_b[0]["acc"] == nested["metrics"]["B_after_stage2"]["acc"]  # own rank = the ordinary eval

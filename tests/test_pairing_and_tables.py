@@ -1,0 +1,173 @@
+"""Review defects 1 and 2 (one key, one meaning; evaluation and loading never touch the
+training RNG), forgetting at matched gain chosen on validation texts, README tables."""
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import hybrid_lora.train as train_mod
+from hybrid_lora.adapters import build_model, load_adapter
+from hybrid_lora.cl_results import (CL_MARKDOWN, MATCHED_MARKDOWN, cl_table, lambda_grid,
+                                    markdown_table, matched_gain_table)
+from hybrid_lora.data import make_loaders
+from hybrid_lora.evaluate import evaluate_loss_and_token_acc
+from hybrid_lora.results import (SCHEMA_VERSION, load_summary, read_json, run_dir, run_metrics,
+                                 write_json_atomic, write_summary)
+from hybrid_lora.train import run_experiment
+
+from conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_review1_gain_retained_stays_a_number_in_metrics_and_summary(tmp_path):
+    cfg = tiny_config(sweep_ranks=())
+    m = run_experiment(cfg, "lora", 42, tmp_path, progress=False)["metrics"]
+    a0, a1, a2 = (m[k]["loss"] for k in ("A_base", "A_after_stage1", "A_after_stage2"))
+    assert isinstance(m["gain_retained"], float)
+    assert m["gain_retained"] == pytest.approx((a0 - a2) / (a0 - a1), rel=1e-12)
+    assert m["gain_retained_per_domain"] == [m["gain_retained"]]
+    assert m["schema_version"] == SCHEMA_VERSION == 4
+    assert read_json(run_dir(tmp_path, "lora", 42) / "metrics.json") == m
+    written = pd.read_csv(write_summary(tmp_path))
+    assert written["gain_retained"].dtype == float  # schema 3 wrote "[-0.375]" here
+    assert written.loc[0, "gain_retained"] == pytest.approx(m["gain_retained"])
+    assert written.loc[0, "gain_retained_first"] == pytest.approx(m["gain_retained"])
+
+
+def test_review1_schema3_folders_still_load(tmp_path):
+    """A schema-3 metrics.json kept the per-domain list under `gain_retained`; a `joint` run is
+    today's `cumulative`."""
+    m = run_metrics(["imdb", "yelp"], [[5.0, 8.0], [4.0, 8.0], [4.5, 7.0]], [[0.1, 0.1], [0.2, 0.1], [0.15, 0.2]])
+    old = {k: v for k, v in m.items() if k != "gain_retained_per_domain"}
+    old.update(gain_retained=[0.5], schema_version=3)
+    d = run_dir(tmp_path, "joint", 1)
+    write_json_atomic(d / "config.json", {**tiny_config().to_dict(), "method": "joint", "seed": 1})
+    write_json_atomic(d / "history.json", [{"seconds": 1.0}])
+    write_json_atomic(d / "metrics.json", old)
+    row = load_summary(tmp_path).iloc[0]
+    assert row["gain_retained"] == 0.5 and row["gain_retained_first"] == 0.5 and row["method"] == "joint"
+
+
+def test_review2_evaluation_and_adapter_loading_leave_the_training_rng_alone(cfg, tmp_path):
+    model, tok = build_model(cfg)
+    data = make_loaders(cfg, tok, "imdb", 1).eval.dataset
+    model.save_pretrained(tmp_path / "adapter")
+    plain = DataLoader(data, batch_size=4)  # no generator of its own: it would draw a base seed
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    evaluate_loss_and_token_acc(model, plain)
+    load_adapter(cfg, tmp_path / "adapter")
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_review2_stage1_of_a_seed_is_bit_identical_whatever_the_sequence_length(tmp_path):
+    """Before: evaluating the base on every domain drew from the dropout stream, so Stage 1 of
+    imdb-code and of imdb-code-yelp trained with different masks."""
+    two = tiny_config(domains=("imdb", "yelp"), epochs_stage2=1, rank_schedule=(8,), share_stage1=False,
+                      sweep_ranks=())
+    three = dataclasses.replace(two, domains=("imdb", "yelp", "code"))
+    assert two.lora_dropout > 0
+    a = run_experiment(two, "lora", 42, tmp_path / "two", progress=False, stop_after_stage=1)
+    b = run_experiment(three, "lora", 42, tmp_path / "three", progress=False, stop_after_stage=1)
+    assert a["history"][0]["train_ce"] == b["history"][0]["train_ce"]
+    files = [p / "lora/seed42/adapter_stage1/adapter_model.safetensors" for p in (tmp_path / "two", tmp_path / "three")]
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
+def test_review2_every_method_starts_stage2_from_the_same_random_state(tmp_path, monkeypatch):
+    """Same seed, same Stage 1: loading the references (EWC, O-LoRA) or building a new adapter
+    (freeze_add, olora, single) must not move the stream that drives Stage 2's dropout masks."""
+    states = {}
+    real = train_mod.train_stage
+
+    def spy(model, cfg, method, stage, *args, **kwargs):
+        if stage == 2:
+            states[method.name] = torch.get_rng_state()
+        return real(model, cfg, method, stage, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_stage", spy)
+    cfg = tiny_config(epochs_stage2=1, rank_schedule=(8,), sweep_ranks=(), ewc_samples=4)
+    methods = ("lora", "dc", "l2", "ewc", "replay", "freeze_add", "olora", "single")
+    for method in methods:
+        run_experiment(cfg, method, 42, tmp_path, progress=False)
+    assert set(states) == set(methods)
+    assert all(torch.equal(states[m], states["lora"]) for m in methods), \
+        [m for m in methods if not torch.equal(states[m], states["lora"])]
+
+
+def _run(out, run, method, seed, loss, val_loss, lam=None):
+    """A finished two-domain run with hand-written test and validation R matrices (loss)."""
+    d = run_dir(out, run, seed)
+    extra = {} if lam is None else {"lambda_l2" if method == "l2" else "lambda_ewc": lam}
+    write_json_atomic(d / "config.json", {**tiny_config().to_dict(), "method": method, "seed": seed, **extra})
+    write_json_atomic(d / "history.json", [{"seconds": 1.0}])
+    acc = [[0.1, 0.1]] * 3
+    write_json_atomic(d / "metrics.json", run_metrics(["imdb", "code"], loss, acc, {"loss": val_loss, "acc": acc}))
+
+
+def _curve(forget, test_gain, val_gain):
+    """R rows (base, after Stage 1, after Stage 2) with the given forgetting on imdb and gains on code."""
+    return ([[5.0, 8.0], [4.0, 8.0], [4.0 + forget, 8.0 - test_gain]],
+            [[5.0, 8.0], [4.0, 8.0], [4.0 + forget, 8.0 - val_gain]])
+
+
+def test_forgetting_at_matched_gain_is_chosen_on_validation_and_read_on_test(tmp_path):
+    for seed, lora_forget in ((1, 0.6), (2, 0.5)):
+        _run(tmp_path, "lora", "lora", seed, *_curve(lora_forget, 2.0, 2.0))
+        # l2: validation gains 1.9, 1.5, 0.5 at lambda 0.01, 0.1, 1; test gains differ on purpose
+        for lam, forget, test_gain, val_gain in ((0.01, 0.3, 1.95, 1.9), (0.1, 0.1, 1.45, 1.5), (1.0, 0.0, 0.5, 0.5)):
+            _run(tmp_path, f"l2_lam{lam:g}", "l2", seed, *_curve(forget, test_gain, val_gain), lam=lam)
+        for lam in (10.0, 100.0):  # ewc never gets near 0.9 x 2.0 on validation
+            _run(tmp_path, f"ewc_lam{lam:g}", "ewc", seed, *_curve(0.1, 1.0, 1.0 / lam ** 0.1), lam=lam)
+    t = matched_gain_table(tmp_path, fraction=0.9).set_index("method")
+    # target 1.8: a quarter of the way from 1.9 to 1.5 in log(lambda) -> 0.01^0.75 0.1^0.25
+    assert t.loc["l2", "lambda_star"] == pytest.approx(10 ** -1.75)
+    assert t.loc["l2", "forget"] == pytest.approx(0.75 * 0.3 + 0.25 * 0.1)
+    assert t.loc["l2", "gain"] == pytest.approx(0.75 * 1.95 + 0.25 * 1.45)  # read on test
+    assert t.loc["l2", "d_forget"] == pytest.approx(((0.25 - 0.6) + (0.25 - 0.5)) / 2)
+    assert t.loc["l2", "n_seeds"] == 2 and t.loc["l2", "lambdas"] == "0.01,0.1,1"
+    assert t.loc["ewc", "n_seeds"] == 0 and math.isnan(t.loc["ewc", "forget"])
+    assert "| l2 |  | 0.01,0.1,1 | 0.0178 | 2 | +0.2500 ± 0.0000 |" in markdown_table(t.reset_index(), MATCHED_MARKDOWN)
+
+
+def test_lambda_grid_has_three_points_per_decade():
+    assert lambda_grid(0.1, 10) == (0.1, 0.215, 0.464, 1.0, 2.15, 4.64, 10.0)
+    assert lambda_grid(1e-4, 1e-4) == (1e-4,)
+    with pytest.raises(ValueError, match="0 < lo <= hi"):
+        lambda_grid(1, 0.1)
+
+
+def test_markdown_table_on_hand_numbers():
+    t = pd.DataFrame([{"run": "lora", "lambda": math.nan, "n_seeds": 5, "delta_loss_first": 0.2,
+                       "delta_loss_first_sd": 0.01, "new_gain": 1.25, "new_gain_sd": 0.5,
+                       "d_forget_seed": math.nan, "d_forget_seed_lo": math.nan, "d_forget_seed_hi": math.nan,
+                       "d_new_gain_seed": math.nan, "d_new_gain_seed_lo": math.nan,
+                       "d_new_gain_seed_hi": math.nan, "seeds_forget_less": 0},
+                      {"run": "l2_lam0.1", "lambda": 0.1, "n_seeds": 1, "delta_loss_first": 0.1,
+                       "delta_loss_first_sd": math.nan, "new_gain": 1.0, "new_gain_sd": math.nan,
+                       "d_forget_seed": -0.1, "d_forget_seed_lo": -0.15, "d_forget_seed_hi": -0.05,
+                       "d_new_gain_seed": -0.25, "d_new_gain_seed_lo": math.nan,
+                       "d_new_gain_seed_hi": math.nan, "seeds_forget_less": 1}]).set_index("run")
+    lines = markdown_table(t, CL_MARKDOWN).splitlines()
+    assert lines[0].startswith("| run | λ | n |") and lines[1] == "|" + "---|" * len(CL_MARKDOWN)
+    assert lines[2] == "| lora |  | 5 | +0.2000 ± 0.0100 | +1.2500 ± 0.5000 | — | — | 0 |"
+    assert lines[3] == ("| l2_lam0.1 | 0.1 | 1 | +0.1000 | +1.0000 | -0.1000 [-0.1500, -0.0500] "
+                        "| -0.2500 [one seed: no interval] | 1 |")
+
+
+def test_the_readme_smoke_table_is_the_table_command_output_pasted():
+    """Review defect 7: README tables are pasted command output, not typed. This regenerates
+    the smoke table from its committed files and finds it, byte for byte, in the README."""
+    results = REPO / "results" / "smoke"
+    table = markdown_table(cl_table(results, n_boot=200), CL_MARKDOWN)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "python -m hybrid_lora table --results results/smoke --markdown" in readme
+    assert table in readme, "README's smoke table differs from `table --markdown` on results/smoke"
+    assert re.search(r"\| lora \|", table)
