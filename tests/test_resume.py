@@ -11,12 +11,13 @@ from hybrid_lora.train import run_experiment
 from conftest import tiny_config
 
 # 16 samples / batch 4 = 4 steps an epoch; Stage 1: 1 epoch, Stage 2: 3 epochs at ranks 8, 4, 2.
-# Dropout 0.3 so that a resumed run with the wrong RNG stream would visibly differ.
+# Dropout 0.3 so that a resumed run with the wrong RNG stream would visibly differ; validation
+# texts so that R_val is carried through checkpoints too.
 STEPS = 4 * (1 + 3)
 
 
 def config(**changes):
-    return tiny_config(**{"lora_dropout": 0.3, "checkpoint_every": 2, **changes})
+    return tiny_config(**{"lora_dropout": 0.3, "checkpoint_every": 2, "n_val": 4, **changes})
 
 
 class Interrupt(Exception):
