@@ -6,8 +6,8 @@ from .config import SEQUENCES, ExperimentConfig, from_preset
 from .evaluate import evaluate_loss_and_token_acc
 from .losses import domain_correlation_loss, ordering_regularizer
 from .methods import METHODS
-from .results import (load_history, load_run_history, load_summary, load_sweeps, method_table,
-                      metrics_table, rank_table, run_dir)
+from .results import load_history, load_run_history, load_summary, method_table, metrics_table, run_dir
+from .sweep_results import load_sweeps, rank_table
 from .train import device_report, run_all, run_experiment, run_lambda_sweep
 
 __version__ = "0.1.0"

@@ -179,7 +179,8 @@ def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ())
     """Redraw every figure of the results folder `out` into `image_dir` (with `only`, just
     those whose file name starts with one of its entries, e.g. ("pareto",)); returns the PNG paths."""
     from .cl_results import BASELINE, cl_table
-    from .results import load_history, load_summary, load_sweeps
+    from .results import load_history, load_summary
+    from .sweep_results import load_sweeps
 
     summary, history = load_summary(out), load_history(out)
     paths = []

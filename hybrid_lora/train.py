@@ -34,7 +34,8 @@ from .methods import LAMBDA_FIELDS, Method, get_method
 from .nested import nested_training
 from .ranks import sweep_run
 from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, run_dir, run_metrics,
-                      summary_row, sweep_aucs, write_json_atomic, write_summary)
+                      summary_row, write_json_atomic, write_summary)
+from .sweep_results import sweep_aucs
 
 
 def resolve_device(name: str) -> torch.device:

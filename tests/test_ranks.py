@@ -9,7 +9,8 @@ from hybrid_lora.data import make_loaders
 from hybrid_lora.evaluate import evaluate_loss_and_token_acc
 from hybrid_lora.nested import nested_training, rank_distribution
 from hybrid_lora.ranks import lora_svd, rank_sweep, svd_truncate_factors
-from hybrid_lora.results import gain_share, rank_auc, read_json, run_dir, sweep_aucs
+from hybrid_lora.results import read_json, run_dir
+from hybrid_lora.sweep_results import gain_share, rank_auc, sweep_aucs
 from hybrid_lora.train import make_optimizer, run_experiment
 
 from conftest import randomize_lora, tiny_config

@@ -1,0 +1,104 @@
+"""Rank-sweep results: the share of an adapter's gain that a cut keeps, the rank AUC on a
+common log2-rank axis, and the sweep tables read from `sweep.json` files. No torch here.
+
+    aucs = sweep_aucs(rows, base, full, r_max)   # the four rank_auc_* keys of metrics.json
+    sweeps = load_sweeps(out)                     # every run's sweep rows with gain_kept
+    rank_table(sweeps, 16)                        # mean and s.d. over seeds at one rank
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .results import SWEEP_COLUMNS, finished_runs, read_json
+
+
+def gain_share(value: float, base: float, full: float, key: str = "loss") -> float:
+    """The share of an adapter's gain over the base model that a cut of it keeps: in loss
+    (base - L_k) / (base - L_full), in accuracy (acc_k - base) / (acc_full - base).
+    0 = the cut is no better than the base model, 1 = nothing lost. NaN when full = base."""
+    gain = (base - full) if key == "loss" else (full - base)
+    if gain == 0:
+        return math.nan
+    return ((base - value) if key == "loss" else (value - base)) / gain
+
+
+def rank_auc(shares: dict[int, float], own_rank: int, r_min: int, r_max: int) -> float:
+    """Area under the share of the gain kept ({rank: `gain_share`}) over log2(rank) from
+    r_min to r_max, divided by that width: 1.0 = every cut keeps all of the gain, 0.0 = none
+    does. The axis is common to every adapter of a config (r_min, r_max from the config, not
+    from the adapter): from its own rank up an adapter is used whole (share 1). Trapezoids
+    between the swept ranks. NaN when any share is NaN or r_max <= r_min."""
+    pts = {r: v for r, v in shares.items() if r_min <= r < own_rank}
+    pts.update({r: 1.0 for r in (own_rank, r_max) if r_min <= r <= r_max})
+    if r_max <= r_min or any(math.isnan(v) for v in pts.values()):
+        return math.nan
+    if r_min not in pts:
+        raise ValueError(f"rank_auc: no share at r_min={r_min} (ranks {sorted(shares)})")
+    ranks = sorted(pts)
+    xs, ys = [math.log2(r) for r in ranks], [pts[r] for r in ranks]
+    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
+    return area / (math.log2(r_max) - math.log2(r_min))
+
+
+def sweep_aucs(rows: list[dict], base: dict, full: dict, r_max: int, kind: str = "slice") -> dict:
+    """SWEEP_KEYS from one run's sweep rows: `rank_auc` in loss and accuracy of the Stage-1
+    adapter on A and the final adapter on B, cut by `kind`, on the axis [smallest swept
+    rank, r_max]. `base`, `full`: {"A": {"loss", "acc"}, "B": ...}, the base model on each
+    domain and the uncut adapter (Stage 1 on A, final on B) on it."""
+    out = {}
+    r_min = min((r["rank"] for r in rows), default=1)
+    for adapter, domain in (("stage1", "A"), ("final", "B")):
+        pts = [r for r in rows if (r["adapter"], r["domain"], r["kind"]) == (adapter, domain, kind)]
+        for key in ("loss", "acc"):
+            name = f"rank_auc_{key}_{adapter}_{domain}"
+            if not pts:
+                out[name] = math.nan
+                continue
+            shares = {p["rank"]: gain_share(p[key], base[domain][key], full[domain][key], key) for p in pts}
+            out[name] = rank_auc(shares, pts[0]["adapter_rank"], r_min, r_max)
+    return out
+
+
+def load_sweeps(out: str | Path):
+    """Every finished run's sweep.json under `out` as one DataFrame.
+
+    Columns: method, seed, SWEEP_COLUMNS, then base_loss / base_acc (the base model on that
+    domain, from metrics.json) and `gain_kept` / `loss_gain_kept`: the share of the adapter's
+    own-rank gain over the base model that the cut keeps, in accuracy and in loss
+    ((acc_k - acc_base) / (acc_full - acc_base), (L_base - L_k) / (L_base - L_full)).
+    """
+    import pandas as pd
+
+    frames = []
+    for run in finished_runs(out):
+        if not (run / "sweep.json").exists():
+            continue
+        cfg, m = read_json(run / "config.json"), read_json(run / "metrics.json")
+        df = pd.DataFrame(read_json(run / "sweep.json"), columns=list(SWEEP_COLUMNS))
+        df.insert(0, "seed", cfg["seed"])
+        df.insert(0, "method", cfg["method"])
+        df["base_loss"] = [m[f"{d}_base"]["loss"] for d in df["domain"]]
+        df["base_acc"] = [m[f"{d}_base"]["acc"] for d in df["domain"]]
+        frames.append(df)
+    if not frames:
+        raise FileNotFoundError(f"no finished runs with a sweep.json under {out}")
+    df = pd.concat(frames, ignore_index=True)
+    group = ["method", "seed", "adapter", "domain", "kind", "scaling"]
+    own = df[df["rank"] == df["adapter_rank"]].set_index(group)[["loss", "acc"]]
+    full = own.rename(columns={"loss": "full_loss", "acc": "full_acc"})
+    df = df.join(full, on=group)
+    df["gain_kept"] = (df["acc"] - df["base_acc"]) / (df["full_acc"] - df["base_acc"])
+    df["loss_gain_kept"] = (df["base_loss"] - df["loss"]) / (df["base_loss"] - df["full_loss"])
+    return df
+
+
+def rank_table(sweeps, rank: int, adapter: str = "final", domain: str = "B"):
+    """Mean and s.d. over seeds at one rank, one row per (method, kind, scaling)."""
+    at = sweeps[(sweeps["rank"] == rank) & (sweeps["adapter"] == adapter) & (sweeps["domain"] == domain)]
+    if at.empty:
+        raise ValueError(f"no sweep rows at rank {rank} for adapter={adapter!r} domain={domain!r}")
+    grouped = at.groupby(["method", "kind", "scaling"], sort=False)
+    table = grouped[["loss", "acc", "gain_kept", "loss_gain_kept"]].agg(["mean", "std"])
+    table.insert(0, ("n_seeds", ""), grouped["seed"].nunique())
+    return table
