@@ -227,20 +227,27 @@ def markdown_table(table, spec=CL_MARKDOWN) -> str:
     df = table.reset_index() if table.index.name else table
     lines = ["| " + " | ".join(h for h, _, _ in spec) + " |", "|" + "---|" * len(spec)]
     for _, r in df.iterrows():
-        cells = []
-        for _, src, f in spec:
-            if isinstance(src, str):
-                cells.append(_fmt(r[src], f))
-            elif len(src) == 2:
-                m, sd = r[src[0]], r[src[1]]
-                cells.append("" if math.isnan(m) else _fmt(m, f) if math.isnan(sd) else
-                             f"{_fmt(m, f)} ± {_fmt(sd, f.lstrip('+'))}")
-            else:
-                m, lo, hi = (r[c] for c in src)
-                cells.append("—" if math.isnan(m) else f"{_fmt(m, f)} [one seed: no interval]"
-                             if math.isnan(lo) else f"{_fmt(m, f)} [{_fmt(lo, f)}, {_fmt(hi, f)}]")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(r, src, f) for _, src, f in spec) + " |")
     return "\n".join(lines)
+
+
+def _cell(r, src, f: str) -> str:
+    """One markdown cell: a column; "m ± sd" (sd NaN: "m"); "m [lo, hi]" (no interval: said so;
+    m NaN, the baseline itself: "—")."""
+    if isinstance(src, str):
+        return _fmt(r[src], f)
+    m = r[src[0]]
+    if len(src) == 2:
+        sd = r[src[1]]
+        if math.isnan(m) or math.isnan(sd):
+            return _fmt(m, f)
+        return f"{_fmt(m, f)} ± {_fmt(sd, f.lstrip('+'))}"
+    lo, hi = r[src[1]], r[src[2]]
+    if math.isnan(m):
+        return "—"
+    if math.isnan(lo):
+        return f"{_fmt(m, f)} [one seed: no interval]"
+    return f"{_fmt(m, f)} [{_fmt(lo, f)}, {_fmt(hi, f)}]"
 
 
 def _plasticity(out, run: str, seed: int, ref) -> float:

@@ -100,17 +100,23 @@ def derived_metrics(m: dict) -> dict:
     }
 
 
+def two_domain_evals(domains, loss: list[list[float]], acc: list[list[float]]) -> dict:
+    """The EVAL_KEYS ({"loss", "acc"}; A = Stage-1 domain, B = Stage-2 domain) of the R rows
+    present (an unfinished run has fewer); {} unless there are exactly two domains."""
+    if len(domains) != 2:
+        return {}
+    cells = zip(EVAL_KEYS, ((0, 0), (0, 1), (1, 0), (2, 0), (2, 1)))
+    return {k: {"loss": loss[t][i], "acc": acc[t][i]} for k, (t, i) in cells if t < len(loss)}
+
+
 def run_metrics(domains, loss: list[list[float]], acc: list[list[float]],
                 val: dict | None = None) -> dict:
     """Everything `metrics.json` holds but the sweep keys, from the R matrices (rows t = 0..T):
     `R`, the two-domain EVAL_KEYS and DERIVED_KEYS (T = 2 only), `cl_metrics`, `R_val` when
     `val` ({"loss", "acc"} on the validation texts) is given, `schema_version`. The one writer
     of these keys: runs and the tests' fake runs both call it."""
-    m = {}
-    if len(domains) == 2:
-        names = [("A_base", 0, 0), ("B_base", 0, 1), ("A_after_stage1", 1, 0),
-                 ("A_after_stage2", 2, 0), ("B_after_stage2", 2, 1)]
-        m.update({k: {"loss": loss[t][i], "acc": acc[t][i]} for k, t, i in names})
+    m = two_domain_evals(domains, loss, acc)
+    if m:
         m.update(derived_metrics(m))
     m["R"] = {"domains": list(domains), "loss": loss, "acc": acc}
     if val is not None:

@@ -34,7 +34,7 @@ from .methods import LAMBDA_FIELDS, Method, get_method
 from .nested import nested_training
 from .ranks import sweep_run
 from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, run_dir, run_metrics,
-                      summary_row, write_json_atomic, write_summary)
+                      summary_row, two_domain_evals, write_json_atomic, write_summary)
 from .sweep_results import sweep_aucs
 
 
@@ -262,17 +262,6 @@ def _shared_stage1(out_dir: Path, rd: Path, key: dict) -> Path | None:
     return None
 
 
-def legacy_metrics(domains, evals: list[list[dict]]) -> dict:
-    """The two-domain keys (A = Stage-1 domain, B = Stage-2 domain) from the R matrix rows so
-    far (an unfinished run's partial metrics; a finished run's come from `run_metrics`)."""
-    if len(domains) != 2:
-        return {}
-    names = [("A_base", 0, 0), ("B_base", 0, 1), ("A_after_stage1", 1, 0),
-             ("A_after_stage2", 2, 0), ("B_after_stage2", 2, 1)]
-    return {k: {x: evals[t][i][x] for x in ("loss", "acc")}
-            for k, t, i in names if t < len(evals)}
-
-
 def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str | Path,
                    progress: bool = True, stop_after_stage: int | None = None,
                    name: str | None = None) -> dict:
@@ -331,8 +320,11 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
         if cfg.n_val:
             val_evals.append([evaluate_loss_and_token_acc(model, ld.val, amp_dtype) for ld in loaders])
 
-    def metrics_so_far() -> dict:
-        return legacy_metrics(cfg.domains, evals)
+    def matrix(rows, x) -> list[list[float]]:
+        return [[e[x] for e in row] for row in rows]
+
+    def metrics_so_far() -> dict:  # an unfinished run's two-domain keys
+        return two_domain_evals(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"))
 
     def checkpoint(model, pos, st, rows) -> None:
         done = [h for h in history if h["stage"] < pos[0]] + rows
@@ -375,7 +367,6 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
             checkpoint(model, (stage + 1, 1, 0), {}, [])
             if stop_after_stage == stage:
                 return result(False)
-    matrix = lambda rows, x: [[e[x] for e in row] for row in rows]  # noqa: E731
     val = {x: matrix(val_evals, x) for x in ("loss", "acc")} if cfg.n_val else None
     metrics = run_metrics(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"), val)
     if cfg.sweep_ranks and cfg.sweep_kinds and n_stages == 2 and m.adapter == "continue":
