@@ -26,9 +26,14 @@ TABLE_KEYS = ("avg_final_acc", "bwt", "forgetting_first", "delta_loss_first", "d
 
 def lambda_grid(lo: float, hi: float, per_decade: int = 3) -> tuple[float, ...]:
     """Log-spaced lambdas from lo to hi, `per_decade` per factor of 10, at 3 significant digits
-    (so run names stay short): lambda_grid(0.1, 10) = (0.1, 0.215, 0.464, 1, 2.15, 4.64, 10)."""
+    (so run names stay short): lambda_grid(0.1, 10) = (0.1, 0.215, 0.464, 1, 2.15, 4.64, 10).
+    A `lo` that is a rounded grid point (2.15 for 10^(1/3)) counts as that point, so
+    lambda_grid(2.15, 21.5) = (2.15, 4.64, 10, 21.5), not (2.15, 4.63, 9.98, 21.5)."""
     if not 0 < lo <= hi:
         raise ValueError(f"lambda grid {lo}:{hi}: need 0 < lo <= hi")
+    step = round(math.log10(lo) * per_decade)
+    if float(f"{10 ** (step / per_decade):.3g}") == float(f"{lo:.3g}"):
+        lo = 10 ** (step / per_decade)
     n = round(math.log10(hi / lo) * per_decade)
     return tuple(float(f"{lo * 10 ** (k / per_decade):.3g}") for k in range(n + 1))
 

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--matched-gain", type=float, metavar="FRACTION",
                        help="also the forgetting of each lambda-swept method at FRACTION x sequential "
                             "LoRA's validation gain on the new domain (e.g. 0.9); writes matched_gain.csv")
+    table.add_argument("--rank-sweep", action="store_true",
+                       help="instead: the rank-sweep tables (share of the gain kept per rank, loss AUC, "
+                            "seed-level CIs) of the Stage-1 adapter on A and the final one on B; writes "
+                            "rank_table_<adapter>_<domain>.csv")
+    table.add_argument("--reference", metavar="RUN",
+                       help="with --rank-sweep: shares of this run's uncut gain (same seed), e.g. lora")
     sweep = sub.add_parser("sweep-ranks", help="evaluate a run's saved adapters cut to each rank "
                                               "(no training); merges into <run>/sweep.json")
     sweep.add_argument("--run", required=True, help="a run folder, <out>/<method>/seed<k>")
@@ -130,6 +136,8 @@ def table_command(args: argparse.Namespace) -> int:
     from .results import write_text_atomic
 
     results = Path(args.results)
+    if args.rank_sweep:
+        return rank_table_command(results, args.markdown, args.reference)
     table = cl_table(results, n_boot=args.n_boot)
     tables = [(table, CL_MARKDOWN, "cl_table.csv", True)]
     if args.matched_gain is not None:
@@ -145,6 +153,33 @@ def table_command(args: argparse.Namespace) -> int:
             with pd.option_context("display.width", 250, "display.max_columns", 30, "display.precision", 4):
                 print(t[cols] if name == "cl_table.csv" else t)
         path = write_text_atomic(results / name, lambda f, t=t, index=index: t.to_csv(f, index=index))
+        print(f"written: {path}")
+    return 0
+
+
+def rank_table_command(results: Path, markdown: bool, reference: str | None = None) -> int:
+    """`table --rank-sweep`: the `rank_flex_table` of the Stage-1 adapter on A and of the final
+    adapter on B (on the other domain an adapter's gain is near zero, so shares of it are noise)."""
+    import pandas as pd
+
+    from .cl_results import markdown_table
+    from .results import write_text_atomic
+    from .sweep_results import load_sweeps, rank_flex_markdown_spec, rank_flex_table
+
+    sweeps = load_sweeps(results)
+    suffix = f"_vs_{reference}" if reference else ""
+    swept = set(sweeps[["adapter", "domain"]].itertuples(index=False, name=None))
+    for adapter, domain in [pair for pair in (("stage1", "A"), ("final", "B")) if pair in swept]:
+        t = rank_flex_table(sweeps, adapter, domain, reference)
+        print(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter on {domain}, share of "
+              f"{'the gain of ' + reference + ' uncut' if reference else 'its own uncut gain'} kept:")
+        if markdown:
+            print(markdown_table(t, rank_flex_markdown_spec(t)))
+        else:
+            with pd.option_context("display.width", 250, "display.max_columns", 40, "display.precision", 3):
+                print(t)
+        path = write_text_atomic(results / f"rank_table_{adapter}_{domain}{suffix}.csv",
+                                 lambda f, t=t: t.to_csv(f, index=False))
         print(f"written: {path}")
     return 0
 

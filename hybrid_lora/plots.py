@@ -98,24 +98,27 @@ def plot_cos_to_stage1(history):
     return fig
 
 
-def plot_rank_sweep(sweeps, adapter: str = "final", domain: str = "B"):
+def plot_rank_sweep(sweeps, adapter: str = "final", domain: str = "B", svd_methods=("lora",)):
     """Loss (left) and accuracy (right) versus rank (log2 axis) of one adapter on one domain,
-    every method x kind of cut; mean +- s.d. over seeds. Solid: slicing; dashed: SVD."""
+    every run sliced, and SVD-truncated for the runs of `svd_methods` (the baselines; all
+    when None); mean +- s.d. over seeds. Solid: slicing; dashed: SVD."""
     rows = sweeps[(sweeps["adapter"] == adapter) & (sweeps["domain"] == domain)]
     if rows.empty:
         raise ValueError(f"no sweep rows for adapter={adapter!r} domain={domain!r}")
-    present = list(dict.fromkeys(rows["method"]))
-    methods = [m for m in METHOD_NAMES if m in present] + [m for m in present if m not in METHOD_NAMES]
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    if svd_methods is not None:
+        rows = rows[(rows["kind"] != "svd") | rows["method"].isin(svd_methods)]
+    present = list(dict.fromkeys(rows["run"]))
+    runs = [m for m in METHOD_NAMES if m in present] + [m for m in present if m not in METHOD_NAMES]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(runs)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    for (method, kind, scaling), g in rows.groupby(["method", "kind", "scaling"], sort=False):
-        label = f"{method} ({'SVD' if kind == 'svd' else 'slice, ' + scaling})"
+    for (run, kind, scaling), g in rows.groupby(["run", "kind", "scaling"], sort=False):
+        label = f"{run} ({'SVD' if kind == 'svd' else 'slice, ' + scaling})"
         for ax, col in zip(axes, ("loss", "acc")):
             by_rank = g.groupby("rank")[col]
             mean, std = by_rank.mean(), by_rank.std(ddof=1).fillna(0.0)
-            ax.errorbar(mean.index, mean.values, yerr=std.values, color=colors[method], capsize=2,
-                        ls="--" if kind == "svd" else "-", marker="o" if kind == "slice" else "x",
-                        ms=4, label=label)
+            ax.errorbar(mean.index, mean.values, yerr=std.values, color=colors[run], capsize=2,
+                        ls="--" if kind == "svd" else ("-" if runs.index(run) < 10 else ":"),
+                        marker="o" if kind == "slice" else "x", ms=4, label=label)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ranks = sorted(rows["rank"].unique())
@@ -125,7 +128,7 @@ def plot_rank_sweep(sweeps, adapter: str = "final", domain: str = "B"):
     axes[0].set_ylabel(f"eval loss on {domain} (nats / token)")
     axes[1].set_ylabel(f"next-token accuracy on {domain}")
     axes[1].legend(fontsize=7, loc="lower right")
-    n = rows.groupby("method")["seed"].nunique()
+    n = rows.groupby("run")["seed"].nunique()
     fig.suptitle(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter cut to each rank, domain {domain} "
                  f"(mean ± s.d. over {n.min()}{'' if n.min() == n.max() else '-' + str(n.max())} seeds)")
     fig.tight_layout()

@@ -4,6 +4,7 @@ common log2-rank axis, and the sweep tables read from `sweep.json` files. No tor
     aucs = sweep_aucs(rows, base, full, r_max)   # the four rank_auc_* keys of metrics.json
     sweeps = load_sweeps(out)                     # every run's sweep rows with gain_kept
     rank_table(sweeps, 16)                        # mean and s.d. over seeds at one rank
+    rank_flex_table(sweeps, "stage1", "A")        # share kept per rank and AUC, seed-level CIs
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 from pathlib import Path
 
 from .results import SWEEP_COLUMNS, finished_runs, read_json
+from .stats import paired_t_interval
 
 
 def gain_share(value: float, base: float, full: float, key: str = "loss") -> float:
@@ -23,14 +25,15 @@ def gain_share(value: float, base: float, full: float, key: str = "loss") -> flo
     return ((base - value) if key == "loss" else (value - base)) / gain
 
 
-def rank_auc(shares: dict[int, float], own_rank: int, r_min: int, r_max: int) -> float:
+def rank_auc(shares: dict[int, float], own_rank: int, r_min: int, r_max: int, whole: float = 1.0) -> float:
     """Area under the share of the gain kept ({rank: `gain_share`}) over log2(rank) from
     r_min to r_max, divided by that width: 1.0 = every cut keeps all of the gain, 0.0 = none
     does. The axis is common to every adapter of a config (r_min, r_max from the config, not
-    from the adapter): from its own rank up an adapter is used whole (share 1). Trapezoids
-    between the swept ranks. NaN when any share is NaN or r_max <= r_min."""
+    from the adapter): from its own rank up an adapter is used whole (share `whole`: 1 when
+    shares are of its own gain). Trapezoids between the swept ranks. NaN when any share is
+    NaN or r_max <= r_min."""
     pts = {r: v for r, v in shares.items() if r_min <= r < own_rank}
-    pts.update({r: 1.0 for r in (own_rank, r_max) if r_min <= r <= r_max})
+    pts.update({r: whole for r in (own_rank, r_max) if r_min <= r <= r_max})
     if r_max <= r_min or any(math.isnan(v) for v in pts.values()):
         return math.nan
     if r_min not in pts:
@@ -63,7 +66,7 @@ def sweep_aucs(rows: list[dict], base: dict, full: dict, r_max: int, kind: str =
 def load_sweeps(out: str | Path):
     """Every finished run's sweep.json under `out` as one DataFrame.
 
-    Columns: method, seed, SWEEP_COLUMNS, then base_loss / base_acc (the base model on that
+    Columns: run (the run folder's name, e.g. "dylora_lam0.01"), method, seed, SWEEP_COLUMNS, then base_loss / base_acc (the base model on that
     domain, from metrics.json) and `gain_kept` / `loss_gain_kept`: the share of the adapter's
     own-rank gain over the base model that the cut keeps, in accuracy and in loss
     ((acc_k - acc_base) / (acc_full - acc_base), (L_base - L_k) / (L_base - L_full)).
@@ -78,13 +81,14 @@ def load_sweeps(out: str | Path):
         df = pd.DataFrame(read_json(run / "sweep.json"), columns=list(SWEEP_COLUMNS))
         df.insert(0, "seed", cfg["seed"])
         df.insert(0, "method", cfg["method"])
+        df.insert(0, "run", run.parent.name)
         df["base_loss"] = [m[f"{d}_base"]["loss"] for d in df["domain"]]
         df["base_acc"] = [m[f"{d}_base"]["acc"] for d in df["domain"]]
         frames.append(df)
     if not frames:
         raise FileNotFoundError(f"no finished runs with a sweep.json under {out}")
     df = pd.concat(frames, ignore_index=True)
-    group = ["method", "seed", "adapter", "domain", "kind", "scaling"]
+    group = ["run", "seed", "adapter", "domain", "kind", "scaling"]
     own = df[df["rank"] == df["adapter_rank"]].set_index(group)[["loss", "acc"]]
     full = own.rename(columns={"loss": "full_loss", "acc": "full_acc"})
     df = df.join(full, on=group)
@@ -94,11 +98,75 @@ def load_sweeps(out: str | Path):
 
 
 def rank_table(sweeps, rank: int, adapter: str = "final", domain: str = "B"):
-    """Mean and s.d. over seeds at one rank, one row per (method, kind, scaling)."""
+    """Mean and s.d. over seeds at one rank, one row per (run, kind, scaling)."""
     at = sweeps[(sweeps["rank"] == rank) & (sweeps["adapter"] == adapter) & (sweeps["domain"] == domain)]
     if at.empty:
         raise ValueError(f"no sweep rows at rank {rank} for adapter={adapter!r} domain={domain!r}")
-    grouped = at.groupby(["method", "kind", "scaling"], sort=False)
+    grouped = at.groupby(["run", "kind", "scaling"], sort=False)
     table = grouped[["loss", "acc", "gain_kept", "loss_gain_kept"]].agg(["mean", "std"])
     table.insert(0, ("n_seeds", ""), grouped["seed"].nunique())
     return table
+
+
+def rank_flex_table(sweeps, adapter: str = "stage1", domain: str = "A", reference: str | None = None,
+                    level: float = 0.95):
+    """One row per (run, kind, scaling) of one adapter on one domain: the uncut loss (mean,
+    s.d. over seeds), the share of the gain over the base model kept in loss at every swept
+    rank below the largest adapter rank, and the loss `rank_auc` on the common axis [smallest
+    swept rank, largest adapter or swept rank], each as mean and t-interval over seeds (`level`).
+
+    Shares are of each adapter's own uncut gain (`loss_gain_kept`; NaN at and above its own
+    rank, where it is used whole), or with `reference` (a run name) of that run's uncut gain
+    with the same seed: then cuts of different adapters compare on one scale, ranks at and
+    above an adapter's own show its uncut share, and `uncut` is that share. A share above 1:
+    better than the uncut adapter (or the reference)."""
+    import pandas as pd
+
+    at = sweeps[(sweeps["adapter"] == adapter) & (sweeps["domain"] == domain)]
+    if at.empty:
+        raise ValueError(f"no sweep rows for adapter={adapter!r} domain={domain!r}")
+    if reference is not None:
+        ref = at[(at["run"] == reference) & (at["rank"] == at["adapter_rank"])].groupby("seed")["loss"].first()
+        if ref.empty:
+            raise ValueError(f"reference run {reference!r} has no sweep rows for {adapter} on {domain} "
+                             f"(runs: {sorted(at['run'].unique())})")
+    ranks = sorted(int(r) for r in at["rank"].unique())
+    r_max = max(ranks + [int(r) for r in at["adapter_rank"].unique()])
+    rows = []
+    for (run, kind, scaling), g in at.groupby(["run", "kind", "scaling"], sort=False):
+        per_seed = []
+        for seed, s in g.groupby("seed"):
+            own, full = int(s["adapter_rank"].iloc[0]), s["full_loss"].iloc[0]
+            if reference is None:
+                shares, whole = dict(zip(s["rank"].astype(int), s["loss_gain_kept"])), 1.0
+            elif seed in ref.index:
+                base = s["base_loss"].iloc[0]
+                gain = base - ref[seed]
+                shares, whole = {int(k): (base - v) / gain for k, v in zip(s["rank"], s["loss"])}, (base - full) / gain
+            else:
+                continue
+            shown = {k: shares.get(k, math.nan) if k < own else (whole if reference else math.nan) for k in ranks}
+            per_seed.append({"seed": seed, "full_loss": full, "own": own, "whole": whole,
+                             "auc": rank_auc(shares, own, ranks[0], r_max, whole), **shown})
+        p = pd.DataFrame(per_seed)
+        row = {"run": run, "kind": kind, "scaling": scaling, "n_seeds": len(p),
+               "adapter_rank": int(p["own"].max()), "full_loss": p["full_loss"].mean(),
+               "full_loss_sd": p["full_loss"].std()}
+        if reference is not None:
+            row["uncut"], row["uncut_lo"], row["uncut_hi"] = paired_t_interval(list(p["whole"]), level)
+        for k in ranks:
+            if k < r_max:
+                row[f"kept_{k}"], row[f"kept_{k}_lo"], row[f"kept_{k}_hi"] = paired_t_interval(list(p[k]), level)
+        row["auc"], row["auc_lo"], row["auc_hi"] = paired_t_interval(list(p["auc"]), level)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def rank_flex_markdown_spec(table) -> tuple:
+    """The `cl_results.markdown_table` spec of a `rank_flex_table`: one column per swept rank."""
+    ranks = [c[len("kept_"):] for c in table.columns if c.startswith("kept_") and c.count("_") == 1]
+    return (("run", "run", "s"), ("cut", "kind", "s"), ("scaling", "scaling", "s"), ("n", "n_seeds", "d"),
+            ("r", "adapter_rank", "d"), ("uncut loss", ("full_loss", "full_loss_sd"), ".4f"),
+            *((("uncut kept", ("uncut", "uncut_lo", "uncut_hi"), ".2f"),) if "uncut" in table.columns else ()),
+            *((f"kept at {k}", (f"kept_{k}", f"kept_{k}_lo", f"kept_{k}_hi"), ".2f") for k in ranks),
+            ("loss AUC", ("auc", "auc_lo", "auc_hi"), ".3f"))

@@ -140,6 +140,10 @@ def test_forgetting_at_matched_gain_is_chosen_on_validation_and_read_on_test(tmp
 def test_lambda_grid_has_three_points_per_decade():
     assert lambda_grid(0.1, 10) == (0.1, 0.215, 0.464, 1.0, 2.15, 4.64, 10.0)
     assert lambda_grid(1e-4, 1e-4) == (1e-4,)
+    # regression: a rounded grid point as lo drifted the grid (2.15, 4.63, 9.98, 21.5)
+    assert lambda_grid(2.15, 21.5) == (2.15, 4.64, 10.0, 21.5)
+    assert lambda_grid(21500, 100000) == (21500.0, 46400.0, 100000.0)
+    assert lambda_grid(0.05, 0.5) == (0.05, 0.108, 0.232, 0.5)  # off the grid: anchored at lo
     with pytest.raises(ValueError, match="0 < lo <= hi"):
         lambda_grid(1, 0.1)
 

@@ -1,4 +1,5 @@
 """Rank-sweep results: loading with the kept share of the gain, the table, the figure, the CLI."""
+import math
 import statistics
 
 import matplotlib
@@ -9,7 +10,7 @@ matplotlib.use("Agg")
 from hybrid_lora.cli import main  # noqa: E402
 from hybrid_lora.plots import plot_all, plot_rank_sweep  # noqa: E402
 from hybrid_lora.results import read_json, run_dir, write_json_atomic  # noqa: E402
-from hybrid_lora.sweep_results import load_sweeps, rank_table  # noqa: E402
+from hybrid_lora.sweep_results import load_sweeps, rank_flex_table, rank_table  # noqa: E402
 from hybrid_lora.train import run_experiment  # noqa: E402
 
 from conftest import tiny_config, write_fake_run  # noqa: E402
@@ -56,8 +57,7 @@ def test_rank_sweep_figure_has_a_line_per_method_and_cut(swept, tmp_path):
     loss_ax, acc_ax = fig.axes
     assert loss_ax.get_xscale() == "log" and loss_ax.get_xlabel() and acc_ax.get_ylabel()
     labels = [t.get_text() for t in acc_ax.get_legend().get_texts()]
-    assert sorted(labels) == sorted(["lora (slice, preserve)", "lora (SVD)", "dylora_nested (slice, preserve)",
-                                     "dylora_nested (SVD)"])
+    assert sorted(labels) == sorted(["lora (slice, preserve)", "lora (SVD)", "dylora_nested (slice, preserve)"])
     line = acc_ax.containers[0].lines[0]
     assert list(line.get_xdata()) == [1, 2, 4]
     assert list(line.get_ydata()) == pytest.approx([0.125, 0.165, 0.2])  # mean over the two seeds
@@ -81,3 +81,60 @@ def test_sweep_ranks_command_adds_conventions_and_reproduces_the_run(tmp_path, c
     assert sorted(again, key=key) == sorted(in_run, key=key)  # same numbers from the saved adapters
     with pytest.raises(SystemExit, match="no config.json"):
         main(["sweep-ranks", "--run", str(tmp_path)])
+
+
+def test_rank_flex_table_against_hand_numbers(swept, capsys):
+    # loss at rank k = 5 - 0.5 k/4 with base 5.0: the share kept is k/4 for every seed and run
+    t = rank_flex_table(load_sweeps(swept), "final", "B").set_index(["run", "kind"])
+    row = t.loc[("lora", "slice")]
+    assert (row["kept_1"], row["kept_1_lo"], row["kept_1_hi"]) == pytest.approx((0.25, 0.25, 0.25))
+    assert row["kept_2"] == pytest.approx(0.5) and row["full_loss"] == pytest.approx(4.5)
+    # trapezoids over log2 rank 0..2 of (0.25, 0.5, 1.0), divided by the width 2
+    assert row["auc"] == pytest.approx(((0.25 + 0.5) / 2 + (0.5 + 1.0) / 2) / 2)
+    assert "kept_4" not in t.columns  # no cut at the largest rank
+    assert main(["table", "--results", str(swept), "--rank-sweep", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| run | cut | scaling | n | r | uncut loss | kept at 1 | kept at 2 | loss AUC |" in out
+    assert (swept / "rank_table_final_B.csv").exists()
+
+
+def test_rank_flex_table_interval_is_the_t_interval_over_seeds():
+    import pandas as pd
+
+    rows = [{"run": run, "seed": seed, "adapter": "stage1", "domain": "A", "kind": "slice", "scaling": "dylora", "rank": k,
+             "adapter_rank": own, "full_loss": 4.0, "loss_gain_kept": share}
+            for run, own, per_seed in (("dylora", 4, {1: 0.2, 2: 0.4}), ("dylora_lam0.01", 2, {1: 0.5, 2: 0.5}))
+            for seed, share in per_seed.items() for k in (1, 2, 4) if k <= own]
+    for r in rows:
+        if r["rank"] == r["adapter_rank"]:
+            r["loss_gain_kept"] = 1.0
+        elif r["rank"] == 2:
+            r["loss_gain_kept"] = 0.9
+    t = rank_flex_table(pd.DataFrame(rows)).set_index("run")
+    # two seeds, shares 0.2 and 0.4: mean 0.3, half-width t_{0.975,1} * s / sqrt(2) = 12.7062 * 0.1
+    assert t.at["dylora", "kept_1"] == pytest.approx(0.3)
+    assert t.at["dylora", "kept_1_hi"] - 0.3 == pytest.approx(12.7062 * 0.1, rel=1e-4)
+    # the rank-2 run is whole from rank 2 on: no share there, and 1.0 on the axis up to 4
+    assert math.isnan(t.at["dylora_lam0.01", "kept_2"])
+    assert t.at["dylora_lam0.01", "auc"] == pytest.approx(((0.5 + 1.0) / 2 + 1.0) / 2)
+
+
+def test_rank_flex_table_with_a_reference_uses_its_uncut_gain_per_seed():
+    import pandas as pd
+
+    # base loss 5; lora (r=4) uncut 4.0 (seed 1) or 4.5 (seed 2); nested (r=4) uncut 4.5, 4.75 at rank 1
+    losses = {("lora", 1): {1: 4.8, 4: 4.0}, ("lora", 2): {1: 4.9, 4: 4.5},
+              ("nested", 1): {1: 4.75, 4: 4.5}, ("nested", 2): {1: 4.75, 4: 4.5}}
+    rows = [{"run": run, "seed": seed, "adapter": "final", "domain": "B", "kind": "slice", "scaling": "preserve",
+             "rank": k, "adapter_rank": 4, "loss": v, "base_loss": 5.0, "full_loss": per[4],
+             "loss_gain_kept": (5.0 - v) / (5.0 - per[4])}
+            for (run, seed), per in losses.items() for k, v in per.items()]
+    t = rank_flex_table(pd.DataFrame(rows), "final", "B", reference="lora").set_index("run")
+    # nested's uncut gain 0.5 against lora's 1.0 (seed 1) and 0.5 (seed 2): shares 0.5 and 1.0
+    assert t.at["nested", "uncut"] == pytest.approx(0.75)
+    assert t.at["nested", "kept_1"] == pytest.approx((0.25 / 1.0 + 0.25 / 0.5) / 2)
+    assert t.at["lora", "uncut"] == pytest.approx(1.0)
+    # axis log2 rank 0..2 with points at 1 and 4 only: one trapezoid, per seed, then the mean
+    assert t.at["nested", "auc"] == pytest.approx(((0.25 + 0.5) / 2 + (0.5 + 1.0) / 2) / 2)
+    with pytest.raises(ValueError, match="reference run 'olora'"):
+        rank_flex_table(pd.DataFrame(rows), "final", "B", reference="olora")
