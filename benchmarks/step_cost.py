@@ -6,8 +6,9 @@ Times, on the same batch and model: a CE-only step; CE + ordering + DC as `train
 (LoRA factors collected and the Stage-1 vector flattened once); the same terms with the
 factors re-collected from the model and the Stage-1 vector re-flattened every step; a
 CE step with DyLoRA's sampled rank (mask hook, snapshot and restore of the weights outside the
-update set); and CE plus each continual-learning term as `continual.regularizer_terms` sets it
-up (DC per module / on delta W, L2 on delta W, EWC, O-LoRA).
+update set); CE plus each continual-learning term as `continual.regularizer_terms` sets it
+up (DC per module / on delta W, L2 on delta W, EWC, O-LoRA); and a CE step with the non-finite
+loss guard of `train_stage` (record every step, check every step as on CPU).
 """
 import argparse
 import dataclasses
@@ -22,6 +23,7 @@ from hybrid_lora.continual import StageReference, regularizer_terms
 from hybrid_lora.losses import causal_lm_sums, domain_correlation_loss, ordering_penalty
 from hybrid_lora.methods import get_method
 from hybrid_lora.nested import nested_training
+from hybrid_lora.train import FiniteGuard
 
 
 def main() -> None:
@@ -40,12 +42,15 @@ def main() -> None:
     factors = [(a, b) for _, a, b, _ in lora_factors(model)]
     w_prev = flatten_factors(stage1, args.r)
 
-    def step(extra, nest=None) -> None:
+    def step(extra, nest=None, guard=None) -> None:
         if nest is not None:
             nest.begin(nest.sample())
         logits = model(input_ids=ids).logits
         ce, n, _ = causal_lm_sums(logits, ids, with_hits=False)
         loss = ce / n + extra()
+        if guard is not None:
+            guard.record(0, loss, {"ce": ce / n})
+            guard.check()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -68,9 +73,10 @@ def main() -> None:
                                   ("DC on delta W", "dc", {"dc_variant": "delta_w"}),
                                   ("L2 on delta W", "l2", {}), ("EWC", "ewc", {}), ("O-LoRA", "olora", {})):
         terms = regularizer_terms(dataclasses.replace(cfg, **change), get_method(method), 2, factors,
-                                  args.r, ref)
+                                  args.r, ref, [s for *_, s in lora_factors(model)])
         variants[f"CE+{label}"] = next(iter(terms.values()))
-    times = {k: [] for k in [*variants, "CE, DyLoRA sampled rank"]}
+    times = {k: [] for k in [*variants, "CE, DyLoRA sampled rank", "CE + finite guard"]}
+    guard = FiniteGuard(torch.device("cpu"), 1, 1)
 
     def timed_nested() -> float:
         with nested_training(model, cfg) as nest:  # hooks set up outside the timed step
@@ -88,6 +94,9 @@ def main() -> None:
             step(f)
             times[k].append(time.perf_counter() - t)
         times["CE, DyLoRA sampled rank"].append(timed_nested())
+        t = time.perf_counter()
+        step(lambda: 0.0, guard=guard)
+        times["CE + finite guard"].append(time.perf_counter() - t)
     base = statistics.median(times["CE only"])
     for k, v in times.items():
         med = statistics.median(v)

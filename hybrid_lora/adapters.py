@@ -8,6 +8,8 @@ every flattened vector: for each module, A[:k] row-major, then B[:, :k] row-majo
 """
 from __future__ import annotations
 
+import hashlib
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,8 +69,37 @@ def byte_tokenizer():
                                    unk_token=eos, pad_token=eos)
 
 
+# Any of these in a model folder means it has a tokenizer (fast, BPE, SentencePiece, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt",
+                   "sentencepiece.bpe.model")
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]{0,95}(/[A-Za-z0-9_][\w.-]{0,95})?")
+
+
+def check_model_source(name: str) -> None:
+    """Clear errors before any loading: `name` must be TINY_MODEL, a model folder (with a
+    config.json and a tokenizer) or something that can be a hub id ("gpt2", "org/name")."""
+    if name == TINY_MODEL:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model_name={name!r}: the folder has no config.json, so it "
+                                    "holds no model saved with save_pretrained")
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"model_name={name!r}: the folder has no tokenizer (none of "
+                                    f"{', '.join(TOKENIZER_FILES)}); save one beside the model with "
+                                    f"tokenizer.save_pretrained({name!r})")
+        return
+    if path.exists():
+        raise NotADirectoryError(f"model_name={name!r} is a file; give the folder that holds the model")
+    if not _HUB_ID.fullmatch(name) or ".." in name or "--" in name:
+        raise FileNotFoundError(f"model_name={name!r}: no such folder, and not a Hugging Face hub "
+                                "id ('name' or 'org/name') either")
+
+
 def load_tokenizer(cfg: ExperimentConfig):
     """The tokenizer of `cfg.model_name` with pad = eos and right padding."""
+    check_model_source(cfg.model_name)
     if cfg.model_name == TINY_MODEL:
         tok = byte_tokenizer()
     else:
@@ -231,4 +262,23 @@ def load_adapter(cfg: ExperimentConfig, path: str | Path, device: torch.device |
     with rng_isolated(), _quiet_peft():
         model = PeftModel.from_pretrained(build_base_model(cfg, vocab_size=len(tok)), str(path),
                                           is_trainable=trainable)
+    for name, p in model.named_parameters():
+        if "lora_" in name and not torch.isfinite(p).all():
+            raise ValueError(f"adapter {path}: {name} holds non-finite values (NaN or inf); "
+                             "it cannot be used")
     return model.to(device).eval()
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """16 hex digits of SHA-256 over the frozen base weights: names, shapes, and float64 sums of
+    the weights and of their magnitudes to 10 digits (so CPU and GPU agree). LoRA weights are
+    left out: it tells whether a run continues on the base model it started on."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                continue
+            name = name.replace("base_model.model.", "").replace(".base_layer", "")
+            total, size = p.sum(dtype=torch.float64).item(), p.abs().sum(dtype=torch.float64).item()
+            h.update(f"{name}{tuple(p.shape)}{total:.10g}{size:.10g};".encode())
+    return h.hexdigest()[:16]

@@ -3,19 +3,25 @@
 Layout under a run folder:
 
     checkpoints/latest.json        {"dir", "stage", "epoch", "step"}; renamed into place last
-    checkpoints/s<S>-e<E>-b<B>/
+    checkpoints/s<S>-e<E>-b<B>/    the latest checkpoint and the one before it
         adapter/                   PEFT `save_pretrained` (its r and lora_alpha included)
         state.pt                   optimizer, GradScaler, RNG states, the epoch's running sums
         progress.json              position, history rows so far, metrics so far
+        manifest.json              SHA-256 of every file above; written last
 
 Position (stage, epoch, step): the next batch to run is batch `step` (0-based) of `epoch`
 (1-based) of `stage`. A checkpoint folder is complete before `latest.json` names it, and
 older folders are deleted only after, so `latest.json` always names a whole checkpoint.
+Loading checks the manifest; a damaged checkpoint (truncated or flipped file, unreadable
+`latest.json`, folder gone) falls back to the previous one with a `CheckpointWarning`.
 """
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +32,12 @@ from .config import ExperimentConfig
 from .results import read_json, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"s(\d+)-e(\d+)-b(\d+)")
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped in favour of an earlier one."""
 
 
 def replace_dir(tmp: Path, path: Path) -> None:
@@ -95,46 +107,111 @@ def save_checkpoint(run: str | Path, model, position: tuple[int, int, int], stat
     model.save_pretrained(str(tmp / "adapter"))
     torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
     write_json_atomic(tmp / "progress.json", {**progress, "position": list(position)})
+    write_json_atomic(tmp / MANIFEST, {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*"))
+                                       if f.is_file()})
+    previous = _pointer(root)
     replace_dir(tmp, root / name)
     write_json_atomic(root / "latest.json", {"dir": name, "stage": stage, "epoch": epoch, "step": step})
-    for other in root.iterdir():
-        if other.is_dir() and other.name != name:
+    for other in root.iterdir():  # keep this one and the one before it (a fallback)
+        if other.is_dir() and other.name not in (name, previous):
             shutil.rmtree(other, ignore_errors=True)
     return root / name
 
 
-def latest_checkpoint(run: str | Path) -> Path | None:
-    """The folder `latest.json` names, or None when the run has no checkpoint."""
-    pointer = Path(run) / CHECKPOINTS / "latest.json"
-    if not pointer.exists():
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pointer(root: Path) -> str | None:
+    """The folder name in `root/latest.json`, or None when it is missing or unreadable."""
+    try:
+        return str(read_json(root / "latest.json")["dir"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    name = read_json(pointer)["dir"]
-    ckpt = pointer.parent / name
-    old = pointer.parent / f".{name}.old"  # the same position re-saved and cut short mid-rename
-    return ckpt if ckpt.exists() or not old.exists() else old
+
+
+def damage(ckpt: Path) -> str | None:
+    """What is wrong with the checkpoint folder `ckpt` (missing, unfinished, a file missing or
+    changed since it was written), or None when it is whole. Folders written before manifests
+    existed are taken as whole."""
+    if not ckpt.is_dir():
+        return "the folder is gone"
+    if not (ckpt / MANIFEST).exists():
+        return None if (ckpt / "state.pt").exists() else "unfinished (no manifest.json)"
+    try:
+        manifest = read_json(ckpt / MANIFEST)
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    for rel, digest in manifest.items():
+        if not (ckpt / rel).is_file():
+            return f"{rel} is missing"
+        if _sha256(ckpt / rel) != digest:
+            return f"{rel} does not match its checksum (truncated or altered)"
+    return None
+
+
+def candidates(run: str | Path) -> list[Path]:
+    """A run's checkpoint folders, best first: the one `latest.json` names (or, if that
+    position was being re-saved when cut short, its `.old` copy), then the others, latest
+    position first."""
+    root = Path(run) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = sorted((d for d in root.iterdir() if d.is_dir() and _NAME.fullmatch(d.name)),
+                   key=lambda d: tuple(int(x) for x in _NAME.fullmatch(d.name).groups()), reverse=True)
+    name = _pointer(root)
+    if name is None:
+        return found
+    first = root / name
+    old = root / f".{name}.old"  # the same position re-saved and cut short mid-rename
+    first = first if first.exists() or not old.exists() else old
+    return [first] + [d for d in found if d != first]
 
 
 def checkpoint_position(run: str | Path) -> tuple[int, int, int] | None:
-    """(stage, epoch, step) of the latest checkpoint, or None."""
-    pointer = Path(run) / CHECKPOINTS / "latest.json"
-    if not pointer.exists():
+    """(stage, epoch, step) that `latest.json` names, or None (no checkpoint, or unreadable)."""
+    try:
+        saved = read_json(Path(run) / CHECKPOINTS / "latest.json")
+        return int(saved["stage"]), int(saved["epoch"]), int(saved["step"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    saved = read_json(pointer)
-    return saved["stage"], saved["epoch"], saved["step"]
 
 
 def load_checkpoint(run: str | Path, cfg: ExperimentConfig, device: torch.device):
-    """(trainable model, state, progress) of the latest checkpoint, or None.
+    """(trainable model, state, progress) of the latest whole checkpoint, or None when the run
+    has none. A damaged latest checkpoint falls back to the one before it (`CheckpointWarning`);
+    ValueError naming what is wrong when no checkpoint can be used.
 
     The RNG states are in `state["rng"]`; the caller restores them (`set_rng_state`) at the
     point of the loop where they were saved, after any other set-up work.
     """
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        return None
-    model = load_adapter(cfg, ckpt / "adapter", device, trainable=True)
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    return model, state, read_json(ckpt / "progress.json")
+    root, problems = Path(run) / CHECKPOINTS, []
+    if (root / "latest.json").exists() and _pointer(root) is None:
+        problems.append(f"{root / 'latest.json'} is unreadable")
+    for ckpt in candidates(run):
+        why = damage(ckpt)
+        if why is None:
+            try:
+                model = load_adapter(cfg, ckpt / "adapter", device, trainable=True)
+                state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+                progress = read_json(ckpt / "progress.json")
+            except Exception as err:  # noqa: BLE001 - any unreadable file: try the previous one
+                why = f"cannot be loaded ({type(err).__name__}: {err})"
+        if why is not None:
+            problems.append(f"{ckpt}: {why}")
+            continue
+        if problems:
+            warnings.warn(f"{'; '.join(problems)}. Resuming from {ckpt} instead.",
+                          CheckpointWarning, stacklevel=2)
+        return model, state, progress
+    if problems:
+        raise ValueError(f"no usable checkpoint in {root} ({'; '.join(problems)}). "
+                         f"Delete {Path(run)} to start the run over.")
+    return None
 
 
 def clear_checkpoints(run: str | Path) -> None:

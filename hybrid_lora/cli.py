@@ -12,8 +12,11 @@ from .results import format_table, read_json
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hybrid_lora", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train and evaluate methods x seeds, write results")
+    run = sub.add_parser("run", parents=[common], help="train and evaluate methods x seeds, write results")
     run.add_argument("--preset", choices=PRESETS, default="smoke")
     run.add_argument("--methods", nargs="+", choices=METHOD_NAMES,
                      help="default: the paper's four (lora dylora dc hybrid)")
@@ -31,12 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "with --set dc_variant=delta_w beside the default runs")
     run.add_argument("--out", required=True, help="results folder")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    plot = sub.add_parser("plot", help="redraw every figure of a results folder (no training, no GPU)")
+    plot = sub.add_parser("plot", parents=[common], help="redraw every figure of a results folder (no training, no GPU)")
     plot.add_argument("--results", required=True, help="a folder written by `run`")
     plot.add_argument("--images", required=True, help="where to write the PNG files")
     plot.add_argument("--only", nargs="+", default=[], metavar="PREFIX",
                       help="only figures whose file name starts with PREFIX, e.g. --only pareto")
-    table = sub.add_parser("table", help="continual-learning table of a results folder: mean, s.d., "
+    table = sub.add_parser("table", parents=[common], help="continual-learning table of a results folder: mean, s.d., "
                                          "seed-level and bootstrap CIs against sequential LoRA; "
                                          "writes cl_table.csv (and matched_gain.csv)")
     table.add_argument("--results", required=True, help="a folder written by `run`")
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "rank_table_<adapter>_<domain>.csv")
     table.add_argument("--reference", metavar="RUN",
                        help="with --rank-sweep: shares of this run's uncut gain (same seed), e.g. lora")
-    sweep = sub.add_parser("sweep-ranks", help="evaluate a run's saved adapters cut to each rank "
+    sweep = sub.add_parser("sweep-ranks", parents=[common], help="evaluate a run's saved adapters cut to each rank "
                                               "(no training); merges into <run>/sweep.json")
     sweep.add_argument("--run", required=True, help="a run folder, <out>/<method>/seed<k>")
     sweep.add_argument("--ranks", nargs="+", type=int, help="default: the run's sweep_ranks")
@@ -111,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def parse_lambdas(items: list[str]) -> dict[str, tuple[float, ...]]:
     """["dc=0.1,1", "l2=0.01"] -> {"dc": (0.1, 1.0), "l2": (0.01,)}; ValueError naming a bad item."""
     from .cl_results import lambda_grid
+    from .methods import check_lambdas
 
     out = {}
     for item in items:
@@ -125,6 +129,7 @@ def parse_lambdas(items: list[str]) -> dict[str, tuple[float, ...]]:
                 out[method] = tuple(float(v) for v in values.split(",") if v.strip())
         except ValueError:
             raise ValueError(f"--lambdas {item!r}: {values!r} is not a list of numbers nor LO:HI") from None
+    check_lambdas(out)
     return out
 
 
@@ -185,8 +190,21 @@ def rank_table_command(results: Path, markdown: bool, reference: str | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Errors a user can act on (a bad value, a missing or unwritable file, a
+    non-finite loss) print one line and exit 2; `--debug` shows the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return dispatch(parser, args)
+    except (ValueError, OSError, ArithmeticError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}\n(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The command `args.command` with its arguments."""
     if args.command == "sweep-ranks":
         return sweep_command(args)
     if args.command == "table":
@@ -202,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         lambdas = parse_lambdas(args.lambdas)
     except ValueError as err:
         parser.error(str(err))
-    from .train import run_all  # heavy imports only once the arguments are good
+    from .runs import run_all  # heavy imports only once the arguments are good
 
     rows = run_all(cfg, args.out, progress=not args.no_progress, lambdas=lambdas, suffix=args.suffix)
     print(format_table(rows))

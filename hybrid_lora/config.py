@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 PAPER_METHODS = ("lora", "dylora", "dc", "hybrid")
 # continual-learning baselines ("lora" is sequential LoRA; "multitask" the upper bound)
@@ -49,6 +50,8 @@ STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "r
                  "sweep_ranks", "sweep_kinds")
 DC_VARIANTS = ("global", "per_module", "delta_w")
 PRESETS = ("paper", "smoke", "forgetting")
+FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "lr", "weight_decay", "lambda_order", "lambda_dc",
+                "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "dylora_p")
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,13 @@ class ExperimentConfig:
                      "tiny_n_layer", "tiny_n_embd", "tiny_n_head"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
+        if self.max_length < 2:  # a next-token label needs a token before it
+            raise bad("max_length", "must be at least 2 (one token to predict the next from)")
+        for name in FLOAT_FIELDS:  # NaN passes every comparison below, so test it first
+            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+                raise bad(name, "must be a number")
+            if not math.isfinite(getattr(self, name)):
+                raise bad(name, "must be a finite number")
         for name in ("epochs_stage1", "epochs_stage2", "checkpoint_every", "ewc_samples", "n_val"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be a non-negative integer")

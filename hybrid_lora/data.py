@@ -15,6 +15,7 @@ Labels are the input ids with padding positions, found from the attention mask
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -86,8 +87,12 @@ def _local_texts(cfg: ExperimentConfig, domain: str, seed: int) -> DomainTexts:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if row.get("split") not in splits or not isinstance(row.get("text"), str):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not a JSON object ({err.msg} at column "
+                                 f"{err.colno})") from None
+            if not isinstance(row, dict) or row.get("split") not in splits or not isinstance(row.get("text"), str):
                 raise ValueError(f"{path}:{line_no}: need 'text' (str) and 'split' in {list(splits)}")
             splits[row["split"]].append(row["text"])
     train, val = _carve(splits["train"], cfg, seed, f"{path} train")
@@ -247,11 +252,30 @@ def eval_loader(cfg: ExperimentConfig, dataset) -> DataLoader:
 
 def make_loaders(cfg: ExperimentConfig, tokenizer, domain: str, seed: int) -> Loaders:
     """The loaders of one domain for run seed `seed` (the training sampler's seed, and the
-    training subset's unless `train_data_seed` is fixed)."""
+    training subset's unless `train_data_seed` is fixed). ValueError when its training or
+    evaluation texts hold no token to predict (all empty, say)."""
     texts = load_texts(cfg, domain, seed)
-    val = eval_loader(cfg, tokenize(texts.val, tokenizer, cfg.max_length)) if texts.val else None
-    return Loaders(train_loader(cfg, tokenize(texts.train, tokenizer, cfg.max_length), seed),
-                   eval_loader(cfg, tokenize(texts.eval, tokenizer, cfg.max_length)), val)
+    sets = {}
+    for part in ("train", "eval", "val"):
+        if getattr(texts, part):
+            sets[part] = tokenize(getattr(texts, part), tokenizer, cfg.max_length)
+            # labels[:, 0] is never predicted: the first token has nothing before it
+            if part != "val" and not (sets[part].tensors[2][:, 1:] != IGNORE_INDEX).any():
+                raise ValueError(f"domain {domain!r}: its {len(getattr(texts, part))} {part} texts "
+                                 "hold no token to predict (empty, or one token each)")
+    val = eval_loader(cfg, sets["val"]) if "val" in sets else None
+    return Loaders(train_loader(cfg, sets["train"], seed), eval_loader(cfg, sets["eval"]), val)
+
+
+def fingerprint(loaders: Loaders) -> str:
+    """16 hex digits of SHA-256 over the token ids and masks of a domain's train, eval and val
+    sets: exactly what a run sees, so any change of texts, selection or tokenizer shows."""
+    h = hashlib.sha256()
+    for loader in loaders:
+        for t in loader.dataset.tensors[:2] if loader is not None else ():
+            h.update(f"{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def replay_indices(n: int, k: int, data_seed: int, domain: str) -> list[int]:

@@ -121,3 +121,16 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {tuple(METHODS)}")
     return METHODS[name]
+
+
+def check_lambdas(lambdas: dict) -> None:
+    """ValueError naming a method of a lambda sweep ({method: values}) that has no single
+    lambda-weighted regularizer to vary, or a lambda that is negative or not finite."""
+    for name, values in lambdas.items():
+        if get_method(name).regularizer() is None:
+            sweepable = [m for m in METHODS if METHODS[m].regularizer()]
+            raise ValueError(f"--lambdas {name}=...: method {name!r} has no lambda-weighted "
+                             f"regularizer to sweep; sweepable: {sweepable}")
+        for lam in values:
+            if not (lam >= 0 and lam != float("inf")):  # False for NaN too
+                raise ValueError(f"--lambdas {name}={lam}: a lambda must be a finite number >= 0")

@@ -61,6 +61,13 @@ def run_dir(out: str | Path, method: str, seed: int) -> Path:
     return Path(out) / method / f"seed{seed}"
 
 
+def _file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_text_atomic(path: str | Path, write) -> Path:
     """Call `write(file)` on a temporary file beside `path`, then rename it to `path`:
     an interruption never leaves a half-written file."""
@@ -68,6 +75,7 @@ def write_text_atomic(path: str | Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _file_mode())  # mkstemp makes it 0600; results are for others to read too
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             write(f)
         os.replace(tmp, path)

@@ -1,41 +1,57 @@
-"""One training loop for every method; a sequence of stages; the Stage-2 rank schedule; runs.
-
-    run_experiment: build -> evaluate the base on every domain (R row 0)
-                    -> for each stage t: set up the method's references to the adapters of
-                       earlier stages (`continual.py`) -> train on domain t (DC / penalty,
-                       rank rebuilds) -> evaluate every domain (R row t) -> save the adapter
-                    -> write config/history/metrics/eval_sequences.
-
-Runs checkpoint as they go (`checkpoint.py`); calling `run_experiment` again on the same
-folder resumes from the latest checkpoint, or returns at once if the run is complete.
+"""The one training loop: a stage of any method, epoch by epoch (the Stage-2 rank schedule),
+with its DC / penalty terms, checkpoints and resume; devices and seeds. `runs.py` strings
+stages into runs.
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import (build_model, count_trainable_params, current_rank, flatten_factors,
-                       load_adapter, load_tokenizer, lora_factors, rebuild_model_for_new_rank)
-from .checkpoint import (checkpoint_position, clear_checkpoints, copy_dir, load_checkpoint,
-                         save_adapter, save_checkpoint, set_rng_state)
-from .cl_results import sweep_name
-from .config import METHOD_NAMES, RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
-from .continual import StageReference, adapter_dir, regularizer_terms, stage_model, stage_reference
-from .data import make_loaders, stage_train_set, train_loader
+from .adapters import (count_trainable_params, current_rank, flatten_factors, lora_factors,
+                       rebuild_model_for_new_rank)
+from .checkpoint import set_rng_state
+from .config import ExperimentConfig
+from .continual import StageReference, regularizer_terms
 from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, model_device
 from .losses import causal_lm_sums, ordering_penalty
-from .methods import LAMBDA_FIELDS, Method, get_method
+from .methods import Method
 from .nested import nested_training
-from .ranks import sweep_run
-from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, run_dir, run_metrics,
-                      summary_row, two_domain_evals, write_json_atomic, write_summary)
-from .sweep_results import sweep_aucs
+
+
+class NonFiniteLoss(ArithmeticError):
+    """Training met a loss that is not finite (NaN or inf): the run stops there."""
+
+
+class FiniteGuard:
+    """Finds the first batch whose loss is not finite without a host sync per step: the batch
+    index and each term's value are kept on the device, and `check` (one sync) raises
+    `NonFiniteLoss` naming them. On CPU a check costs nothing, so it runs after every step."""
+
+    def __init__(self, device: torch.device, stage: int, epoch: int):
+        self.stage, self.epoch, self.names, self.values = stage, epoch, [], None
+        self.batch = torch.full((), -1, dtype=torch.long, device=device)
+        self.every = 1 if device.type == "cpu" else 20
+
+    def record(self, batch: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Note `loss` of 0-based `batch` and its `terms` (name -> scalar tensor)."""
+        bad = (self.batch < 0) & ~torch.isfinite(loss.detach())
+        values = torch.stack([v.detach().float() for v in terms.values()])  # [n_terms]
+        self.names = list(terms)
+        self.values = values if self.values is None else torch.where(bad, values, self.values)
+        self.batch = torch.where(bad, batch, self.batch)
+
+    def check(self) -> None:
+        batch = int(self.batch.item())
+        if batch >= 0:
+            terms = ", ".join(f"{n}={v:.6g}" for n, v in zip(self.names, self.values.tolist()))
+            raise NonFiniteLoss(
+                f"stage {self.stage}, epoch {self.epoch}, batch {batch} (0-based): the training loss "
+                f"is not finite ({terms}). Training stopped; the run keeps its last good checkpoint "
+                "and writes no metrics.json. Lower lr or the lambdas and start the run over.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,6 +175,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             sums = {k: v.to(device) if torch.is_tensor(v) else v for k, v in saved_sums.items()}
         train_loader.sampler.set_epoch(stage, epoch, skip * train_loader.batch_size)
         n_batches, step = skip + len(train_loader), skip
+        guard = FiniteGuard(device, stage, epoch)
         start = time.perf_counter() - sums["seconds"]
         with nested_training(model, cfg, enabled=method.nested) as nest:
             model.train()
@@ -173,14 +190,16 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
                 ce_b, n_b, _ = causal_lm_sums(logits, labels, with_hits=False)  # fp32 loss
                 loss = ce_b / n_b.clamp(min=1)
+                parts = {"ce": loss}
                 if lam_order:
-                    order = lam_order * ordering_penalty(factors)
-                    loss = loss + order
-                    sums["order"] += order.detach()
+                    parts["order"] = lam_order * ordering_penalty(factors)
+                    loss = loss + parts["order"]
+                    sums["order"] += parts["order"].detach()
                 for name, term in terms.items():  # "dc", "penalty"
-                    value = term()
-                    loss = loss + value
-                    sums[name] += value.detach()
+                    parts[name] = term()
+                    loss = loss + parts[name]
+                    sums[name] += parts[name].detach()
+                guard.record(step, loss, parts)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
                 scaler.step(optimizer)
@@ -191,12 +210,16 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                 sums["tokens"] += n_b
                 sums["steps"] += 1
                 step += 1
+                if step % guard.every == 0:
+                    guard.check()
                 if progress and step % 20 == 0:  # .item() syncs the device: only now and then
                     batches.set_postfix(ce=f"{(sums['ce'] / sums['tokens']).item():.3f}")
                 if checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
                         and step < n_batches:
                     sums["seconds"] = time.perf_counter() - start
+                    guard.check()  # never checkpoint past a non-finite step
                     save(model, (stage, epoch, step), sums)
+            guard.check()
             if nest is not None:
                 nest.full()
             ev = evaluate_loss_and_token_acc(model, eval_loader, amp_dtype)
@@ -225,210 +248,3 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             save(model, (stage, epoch + 1, 0))
     epochs.close()
     return model, rows
-
-
-def check_same_run(run: Path, config: dict, ignore: tuple[str, ...] = ()) -> None:
-    """Raise ValueError if `run/config.json` differs from `config` in a field that changes
-    results (other than those in `ignore`)."""
-    saved = read_json(run / "config.json")
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items()
-             if k not in RUN_INDEPENDENT_FIELDS + ignore and saved.get(k) != v]
-    if diffs:
-        raise ValueError(f"{run} holds a run made with other settings ({'; '.join(diffs)}). "
-                         f"Use another output folder, or delete {run} to start it over.")
-
-
-def stage_seed(seed: int, stage: int, stream: int = 0) -> int:
-    """The seed a stage >= 2 starts from (stream 0): later stages do not depend on how many
-    random numbers earlier stages drew, so runs with the same Stage 1 can share it. Stream 1
-    seeds the random init of a new adapter (`continual.stage_model`) apart from training."""
-    key = [seed, stage] + ([stream] if stream else [])
-    return int(np.random.SeedSequence(key).generate_state(1)[0])
-
-
-def stage1_key(cfg: ExperimentConfig, method: Method, seed: int) -> dict:
-    """Everything Stage 1 (and the evaluations after it) depends on."""
-    skip = set(STAGE2_FIELDS + RUN_INDEPENDENT_FIELDS)
-    return {"config": {k: v for k, v in cfg.to_dict().items() if k not in skip},
-            "method": list(method.stage1_signature()), "seed": seed, "schema_version": SCHEMA_VERSION}
-
-
-def _shared_stage1(out_dir: Path, rd: Path, key: dict) -> Path | None:
-    """Another run folder under `out_dir` whose finished Stage 1 has this key, or None."""
-    for path in sorted(Path(out_dir).glob(f"*/seed{key['seed']}/{STAGE1_FILE}")):
-        # a stage1.json without its adapter (adapters are not committed) cannot be shared
-        if path.parent != rd and (path.parent / "adapter_stage1").is_dir() and read_json(path)["key"] == key:
-            return path.parent
-    return None
-
-
-def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str | Path,
-                   progress: bool = True, stop_after_stage: int | None = None,
-                   name: str | None = None) -> dict:
-    """The whole run of `method` with `seed` over `cfg.domains` in `<out_dir>/<name>/seed<seed>/`
-    (`name` defaults to the method; lambda sweeps use e.g. "dc_lam1").
-
-    Stage t trains on domain t; after every stage (and before the first: t = 0) the model is
-    evaluated on every domain, giving the R matrix of `results.cl_metrics` (defect 2 of the
-    original evaluated the first domain only after the last stage). Returns {"config",
-    "history", "metrics", "complete"}, as on disk. A complete run (metrics.json present) is
-    returned without training; an interrupted one resumes from its latest checkpoint and ends
-    with the same numbers. `stop_after_stage=1` stops once the Stage-1 adapter is saved; a
-    later call may change the later-stage fields (`config.STAGE2_FIELDS`, e.g. lambda_dc)
-    until Stage 2 has started. With `cfg.share_stage1`, a run whose Stage 1 is identical to a
-    finished one in the same `out_dir` copies it (same numbers as training it again).
-    """
-    m = get_method(method)
-    rd = run_dir(out_dir, name or method, seed)
-    n_stages = len(cfg.domains)
-    config = {**cfg.to_dict(), "method": method, "seed": seed, "schema_version": SCHEMA_VERSION}
-    complete = (rd / "metrics.json").exists()
-    if (rd / "config.json").exists():
-        at_boundary = not complete and checkpoint_position(rd) == (2, 1, 0)
-        check_same_run(rd, config, ignore=STAGE2_FIELDS if at_boundary else ())
-    if complete:
-        return {"config": read_json(rd / "config.json"), "history": read_json(rd / "history.json"),
-                "metrics": read_json(rd / "metrics.json"), "complete": True}
-    write_json_atomic(rd / "config.json", config)
-    set_seed(seed)
-    device = resolve_device(cfg.device)
-    amp_dtype = choose_amp_dtype(cfg.mixed_precision, device)  # decided once for the run
-    key = stage1_key(cfg, m, seed)
-    position, history, evals, val_evals, state = (1, 1, 0), [], [], [], None
-    found = load_checkpoint(rd, cfg, device)
-    donor = _shared_stage1(out_dir, rd, key) if found is None and cfg.share_stage1 else None
-    if found is not None:
-        (model, state, saved), tok = found, load_tokenizer(cfg)
-        position, history, evals = tuple(saved["position"]), saved["history"], saved["evals"]
-        val_evals = saved.get("val_evals", [])
-    elif donor is not None:  # Stage 1 done elsewhere: take its adapter, history and evaluations
-        shared = read_json(donor / STAGE1_FILE)
-        copy_dir(donor / "adapter_stage1", rd / "adapter_stage1")
-        write_json_atomic(rd / STAGE1_FILE, {**shared, "copied_from": str(donor.relative_to(out_dir))},
-                          indent=None)
-        model, tok = load_adapter(cfg, rd / "adapter_stage1", device, trainable=True), load_tokenizer(cfg)
-        position, history, evals = (2, 1, 0), shared["history"], shared["evals"]
-        val_evals = shared.get("val_evals", [])
-    else:
-        model, tok = build_model(cfg, device, r=m.train_rank(cfg))
-    loaders = [make_loaders(cfg, tok, domain, seed) for domain in cfg.domains]
-    train_sets = [ld.train.dataset for ld in loaders]
-
-    def evaluate_all(model) -> None:  # one row of R (every domain, per-sequence sums) and of R_val
-        evals.append([evaluate_loss_and_token_acc(model, ld.eval, amp_dtype, per_sequence=True)
-                      for ld in loaders])
-        if cfg.n_val:
-            val_evals.append([evaluate_loss_and_token_acc(model, ld.val, amp_dtype) for ld in loaders])
-
-    def matrix(rows, x) -> list[list[float]]:
-        return [[e[x] for e in row] for row in rows]
-
-    def metrics_so_far() -> dict:  # an unfinished run's two-domain keys
-        return two_domain_evals(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"))
-
-    def checkpoint(model, pos, st, rows) -> None:
-        done = [h for h in history if h["stage"] < pos[0]] + rows
-        write_json_atomic(rd / "history.json", done)  # live history, for plotting mid-run
-        save_checkpoint(rd, model, pos, st, {"history": done, "evals": evals, "val_evals": val_evals})
-
-    def result(complete: bool) -> dict:
-        return {"config": config, "history": history, "metrics": metrics_so_far(), "complete": complete}
-
-    if stop_after_stage is not None and position[0] > stop_after_stage:
-        return result(False)
-    if not evals:  # LoRA B starts at zero, so the fresh PEFT model computes the base model
-        evaluate_all(model)
-    for stage in range(position[0], n_stages + 1):
-        resume = None
-        if state is not None and stage == position[0] and position[1:] != (1, 0):
-            resume = {"epoch": position[1], "step": position[2], "state": state,
-                      "rows": [h for h in history if h["stage"] == stage]}
-        if stage > 1:
-            if resume is None:  # a fresh start of the stage: its own seed, then any new adapter
-                set_seed(stage_seed(seed, stage))
-                if m.adapter != "continue":
-                    model = stage_model(cfg, m, rd, stage, device, stage_seed(seed, stage, 1))
-            elif m.adapter == "add":  # the checkpoint holds only the new adapter
-                model = _with_factors(stage_model(cfg, m, rd, stage, device, stage_seed(seed, stage, 1)), model)
-        reference = stage_reference(cfg, m, rd, stage, train_sets, device)
-        data, length = stage_train_set(cfg, train_sets, stage, m.data)
-        model, rows = train_stage(model, cfg, m, stage, train_loader(cfg, data, seed, length),
-                                  loaders[stage - 1].eval, m.stage_ranks(cfg, stage),
-                                  reference=reference, amp_dtype=amp_dtype, progress=progress,
-                                  resume=resume, checkpoint=checkpoint)
-        history[:] = [h for h in history if h["stage"] < stage] + rows
-        del evals[stage:], val_evals[stage:]
-        evaluate_all(model)
-        save_adapter(model, adapter_dir(rd, stage, n_stages))
-        if stage == 1:
-            write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals,
-                                                 "val_evals": val_evals}, indent=None)
-        if stage < n_stages:
-            checkpoint(model, (stage + 1, 1, 0), {}, [])
-            if stop_after_stage == stage:
-                return result(False)
-    val = {x: matrix(val_evals, x) for x in ("loss", "acc")} if cfg.n_val else None
-    metrics = run_metrics(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"), val)
-    if cfg.sweep_ranks and cfg.sweep_kinds and n_stages == 2 and m.adapter == "continue":
-        kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
-        del model  # the sweep loads both adapters back from disk
-        sweep = sweep_run(rd, cfg, {"A": loaders[0].eval, "B": loaders[1].eval}, cfg.sweep_ranks, kinds,
-                          device, amp_dtype, progress)
-        base = {"A": metrics["A_base"], "B": metrics["B_base"]}
-        full = {"A": metrics["A_after_stage1"], "B": metrics["B_after_stage2"]}
-        metrics.update(sweep_aucs(sweep, base, full, r_max=max(cfg.r, *cfg.sweep_ranks)))
-    # no timings in metrics.json: same seed, same file
-    write_json_atomic(rd / "history.json", history)
-    write_json_atomic(rd / SEQUENCES_FILE, {"domains": list(cfg.domains),
-                                            "R": [[e["seq"] for e in row] for row in evals]}, indent=None)
-    write_json_atomic(rd / "metrics.json", metrics)  # written last: marks the run complete
-    if not cfg.keep_checkpoints:
-        clear_checkpoints(rd)
-    return result(True) | {"metrics": metrics}
-
-
-def _with_factors(model, source):
-    """`model` with its LoRA factors copied from `source` (same rank); returns `model`."""
-    with torch.no_grad():
-        for (_, a, b, _), (_, a0, b0, _) in zip(lora_factors(model), lora_factors(source)):
-            a.copy_(a0), b.copy_(b0)
-    return model
-
-
-def run_all(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
-            lambdas: dict[str, tuple[float, ...]] | None = None, suffix: str = "") -> list[dict]:
-    """Every method in `cfg.methods` x seed in `cfg.seeds` (complete runs skipped, interrupted
-    ones resumed), then the lambda sweeps `lambdas` ({method: (lambda, ...)}, see
-    `run_lambda_sweep`); rebuilds summary.csv; returns its rows for these runs. A `suffix`
-    names the run folders `<method><suffix>` (e.g. "_delta_w" for another dc_variant)."""
-    names = []
-    for method in cfg.methods:
-        for seed in cfg.seeds:
-            done = (run_dir(out_dir, method + suffix, seed) / "metrics.json").exists()
-            if done and progress:
-                tqdm.write(f"{method + suffix} seed {seed}: complete in {out_dir}, skipped")
-            run_experiment(cfg, method, seed, out_dir, progress=progress, name=method + suffix)
-        names.append(method + suffix)
-    for method, values in (lambdas or {}).items():
-        names += run_lambda_sweep(cfg, out_dir, method, values, progress, suffix)
-    write_summary(out_dir)
-    return [summary_row(run_dir(out_dir, name, s)) for name in names for s in cfg.seeds]
-
-
-def run_lambda_sweep(cfg: ExperimentConfig, out_dir: str | Path, method: str, values,
-                     progress: bool = True, suffix: str = "") -> list[str]:
-    """`method` at each lambda of its regularizer (lambda_dc, lambda_l2, lambda_ewc or
-    lambda_olora) x every seed, in `<out>/<method><suffix>_lam<value>/`; a value equal to cfg's
-    own is the plain `<out>/<method><suffix>/` run. Returns the run names. Stage 1 is shared."""
-    reg = get_method(method).regularizer()
-    if reg is None:
-        raise ValueError(f"method {method!r} has no lambda-weighted regularizer to sweep; "
-                         f"sweepable: {[m for m in METHOD_NAMES if get_method(m).regularizer()]}")
-    field, names = LAMBDA_FIELDS[reg], []
-    for lam in values:
-        name = method + suffix if lam == getattr(cfg, field) else sweep_name(method + suffix, lam)
-        for seed in cfg.seeds:
-            run_experiment(dataclasses.replace(cfg, **{field: float(lam)}), method, seed, out_dir,
-                           progress=progress, name=name)
-        names.append(name)
-    return names

@@ -131,7 +131,7 @@ def test_paired_bootstrap_ci():
 def test_dc_variants_run_and_their_gradient_norm_is_recorded(tmp_path, variant):
     from conftest import tiny_config
     from hybrid_lora.adapters import load_adapter, snapshot_factors
-    from hybrid_lora.train import run_experiment
+    from hybrid_lora.runs import run_experiment
 
     cfg = tiny_config(dc_variant=variant, sweep_ranks=())
     result = run_experiment(cfg, "hybrid", 42, tmp_path, progress=False)

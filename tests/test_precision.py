@@ -30,7 +30,7 @@ def test_unknown_precision_is_rejected():
 
 @pytest.mark.parametrize("mode", ["fp16", "bf16"])
 def test_autocast_run_keeps_lora_weights_fp32_and_tracks_fp32_run(mode, tmp_path, monkeypatch):
-    import hybrid_lora.train as train
+    import hybrid_lora.runs as train
 
     kept = {}
     real = train.train_stage

@@ -6,7 +6,7 @@ import pytest
 import hybrid_lora.checkpoint as checkpoint_mod
 import hybrid_lora.train as train_mod
 from hybrid_lora.results import read_json, run_dir
-from hybrid_lora.train import run_experiment
+from hybrid_lora.runs import run_experiment
 
 from conftest import tiny_config
 

@@ -1,0 +1,334 @@
+"""Runs: a method x seed over a sequence of stages, resumable; methods x seeds; lambda sweeps.
+
+    run_experiment: build -> evaluate the base on every domain (R row 0)
+                    -> for each stage t: set up the method's references to the adapters of
+                       earlier stages (`continual.py`) -> train on domain t (`train.train_stage`)
+                       -> evaluate every domain (R row t) -> save the adapter
+                    -> write config/history/metrics/eval_sequences.
+
+Runs checkpoint as they go (`checkpoint.py`); calling `run_experiment` again on the same
+folder resumes from the latest checkpoint, or returns at once if the run is complete.
+`config.json` also records fingerprints of the data and the base model, so a run is never
+resumed or skipped on data or a model other than its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import base_fingerprint, build_model, check_model_source, load_adapter, load_tokenizer, lora_factors
+from .checkpoint import (CHECKPOINTS, checkpoint_position, clear_checkpoints, copy_dir, load_checkpoint,
+                         save_adapter, save_checkpoint)
+from .cl_results import sweep_name
+from .config import RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
+from .continual import adapter_dir, stage_model, stage_reference
+from .data import fingerprint, make_loaders, stage_train_set, train_loader
+from .evaluate import choose_amp_dtype, evaluate_loss_and_token_acc
+from .methods import LAMBDA_FIELDS, Method, check_lambdas, get_method
+from .ranks import sweep_run
+from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, run_dir, run_metrics,
+                      summary_row, two_domain_evals, write_json_atomic, write_summary)
+from .sweep_results import sweep_aucs
+from .train import NonFiniteLoss, resolve_device, set_seed, train_stage
+
+
+def _same_setting(field: str, saved, now) -> bool:
+    """Equal values; for `data_dir`, and `model_name` folders, two spellings of one folder
+    (relative or absolute, a trailing slash) are the same setting."""
+    if saved == now:
+        return True
+    if field in ("data_dir", "model_name") and isinstance(saved, str) and isinstance(now, str):
+        if field == "data_dir" or (os.path.isdir(saved) and os.path.isdir(now)):
+            return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(now))
+    return False
+
+
+def check_same_run(run: Path, config: dict, ignore: tuple[str, ...] = ()) -> None:
+    """Raise ValueError if `run/config.json` differs from `config` in a field that changes
+    results (other than those in `ignore`)."""
+    saved = read_saved_config(run)
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items()
+             if k not in RUN_INDEPENDENT_FIELDS + ignore and not _same_setting(k, saved.get(k), v)]
+    if diffs:
+        raise ValueError(f"{run} holds a run made with other settings ({'; '.join(diffs)}). "
+                         f"Use another output folder, or delete {run} to start it over.")
+
+
+def read_saved_config(run: Path) -> dict:
+    """`run/config.json`; ValueError naming the file when it cannot be read."""
+    try:
+        return read_json(run / "config.json")
+    except ValueError as err:
+        raise ValueError(f"{run / 'config.json'} is unreadable ({err}); delete {run} to start "
+                         "the run over") from None
+
+
+def check_fingerprints(run: Path, saved: dict, now: dict) -> None:
+    """ValueError when the data of a domain or the base model differ from those `run` was
+    made with (`fingerprints` in its config.json; runs from before fingerprints pass)."""
+    old = saved.get("fingerprints") or {}
+    changed = [f"the data of domain {d!r}" for d, fp in now.get("data", {}).items()
+               if old.get("data", {}).get(d, fp) != fp]
+    if "model" in now and old.get("model", now["model"]) != now["model"]:
+        changed.append(f"the base model {saved.get('model_name')!r}")
+    if changed:
+        raise ValueError(f"{run} was made on other data or another model: {' and '.join(changed)} "
+                         "changed since (fingerprints in its config.json). Use another output "
+                         f"folder, or delete {run} to start it over.")
+
+
+def _started(run: Path) -> bool:
+    """Whether `run` holds anything trained (a checkpoint, a Stage-1 adapter, metrics)."""
+    return any((run / f).exists() for f in (CHECKPOINTS, "adapter_stage1", STAGE1_FILE, "metrics.json"))
+
+
+def stage_seed(seed: int, stage: int, stream: int = 0) -> int:
+    """The seed a stage >= 2 starts from (stream 0): later stages do not depend on how many
+    random numbers earlier stages drew, so runs with the same Stage 1 can share it. Stream 1
+    seeds the random init of a new adapter (`continual.stage_model`) apart from training."""
+    key = [seed, stage] + ([stream] if stream else [])
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
+
+
+def stage1_key(cfg: ExperimentConfig, method: Method, seed: int, data: dict) -> dict:
+    """Everything Stage 1 (and the evaluations after it) depends on; `data`: the fingerprint
+    of each domain's data."""
+    skip = set(STAGE2_FIELDS + RUN_INDEPENDENT_FIELDS)
+    return {"config": {k: v for k, v in cfg.to_dict().items() if k not in skip},
+            "method": list(method.stage1_signature()), "seed": seed, "schema_version": SCHEMA_VERSION,
+            "data": data}
+
+
+def _shared_stage1(out_dir: Path, rd: Path, key: dict) -> Path | None:
+    """Another run folder under `out_dir` whose finished Stage 1 has this key, or None."""
+    for path in sorted(Path(out_dir).glob(f"*/seed{key['seed']}/{STAGE1_FILE}")):
+        # a stage1.json without its adapter (adapters are not committed) cannot be shared
+        if path.parent != rd and (path.parent / "adapter_stage1").is_dir() and read_json(path)["key"] == key:
+            return path.parent
+    return None
+
+
+def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str | Path,
+                   progress: bool = True, stop_after_stage: int | None = None,
+                   name: str | None = None) -> dict:
+    """The whole run of `method` with `seed` over `cfg.domains` in `<out_dir>/<name>/seed<seed>/`
+    (`name` defaults to the method; lambda sweeps use e.g. "dc_lam1").
+
+    Stage t trains on domain t; after every stage (and before the first: t = 0) the model is
+    evaluated on every domain, giving the R matrix of `results.cl_metrics` (defect 2 of the
+    original evaluated the first domain only after the last stage). Returns {"config",
+    "history", "metrics", "complete"}, as on disk. A complete run (metrics.json present) is
+    returned without training; an interrupted one resumes from its latest checkpoint and ends
+    with the same numbers. `stop_after_stage=1` stops once the Stage-1 adapter is saved; a
+    later call may change the later-stage fields (`config.STAGE2_FIELDS`, e.g. lambda_dc)
+    until Stage 2 has started. With `cfg.share_stage1`, a run whose Stage 1 is identical to a
+    finished one in the same `out_dir` copies it (same numbers as training it again).
+    ValueError when the folder holds a run made with other settings, data or base model
+    (`check_same_run`, `check_fingerprints`); `NonFiniteLoss` on a loss or evaluation that is
+    not finite (the run is then not marked complete).
+    """
+    m = get_method(method)
+    rd = run_dir(out_dir, name or method, seed)
+    n_stages = len(cfg.domains)
+    config = {**cfg.to_dict(), "method": method, "seed": seed, "schema_version": SCHEMA_VERSION}
+    complete = (rd / "metrics.json").exists()
+    # a config.json with nothing trained beside it (a run that failed while loading) binds nothing
+    saved = read_saved_config(rd) if (rd / "config.json").exists() and _started(rd) else None
+    if saved is not None:
+        at_boundary = not complete and checkpoint_position(rd) == (2, 1, 0)
+        check_same_run(rd, config, ignore=STAGE2_FIELDS if at_boundary else ())
+    def finished() -> dict:
+        return {"config": saved or config, "history": read_json(rd / "history.json"),
+                "metrics": read_json(rd / "metrics.json"), "complete": True}
+
+    if complete and not (saved or {}).get("fingerprints"):  # made before fingerprints existed
+        return finished()
+    tok = load_tokenizer(cfg)
+    loaders = [make_loaders(cfg, tok, domain, seed) for domain in cfg.domains]
+    prints = {"data": {d: fingerprint(ld) for d, ld in zip(cfg.domains, loaders)}}
+    if saved is not None:  # cheap enough to check a complete run too: no model is loaded
+        check_fingerprints(rd, saved, prints)
+    if complete:
+        return finished()
+    set_seed(seed)
+    device = resolve_device(cfg.device)
+    amp_dtype = choose_amp_dtype(cfg.mixed_precision, device)  # decided once for the run
+    key = stage1_key(cfg, m, seed, prints["data"])
+    position, history, evals, val_evals, state = (1, 1, 0), [], [], [], None
+    found = load_checkpoint(rd, cfg, device)
+    donor = _shared_stage1(out_dir, rd, key) if found is None and cfg.share_stage1 else None
+    if found is not None:
+        model, state, progress_saved = found
+        position, history, evals = (tuple(progress_saved["position"]), progress_saved["history"],
+                                    progress_saved["evals"])
+        val_evals = progress_saved.get("val_evals", [])
+    elif donor is not None:  # Stage 1 done elsewhere: take its adapter, history and evaluations
+        shared = read_json(donor / STAGE1_FILE)
+        copy_dir(donor / "adapter_stage1", rd / "adapter_stage1")
+        write_json_atomic(rd / STAGE1_FILE, {**shared, "copied_from": str(donor.relative_to(out_dir))},
+                          indent=None)
+        model = load_adapter(cfg, rd / "adapter_stage1", device, trainable=True)
+        position, history, evals = (2, 1, 0), shared["history"], shared["evals"]
+        val_evals = shared.get("val_evals", [])
+    else:
+        model, _ = build_model(cfg, device, r=m.train_rank(cfg))
+    prints["model"] = base_fingerprint(model)  # LoRA weights left out: the same at every resume
+    if saved is not None:
+        check_fingerprints(rd, saved, prints)
+    config["fingerprints"] = prints
+    write_json_atomic(rd / "config.json", config)  # only once data and model have loaded
+    train_sets = [ld.train.dataset for ld in loaders]
+
+    def evaluate_all(model) -> None:  # one row of R (every domain, per-sequence sums) and of R_val
+        evals.append([evaluate_loss_and_token_acc(model, ld.eval, amp_dtype, per_sequence=True)
+                      for ld in loaders])
+        for domain, e in zip(cfg.domains, evals[-1]):  # a NaN result never marks a run complete
+            if not (math.isfinite(e["loss"]) and math.isfinite(e["acc"])):
+                raise NonFiniteLoss(f"{rd}: evaluation on {domain!r} after stage {len(evals) - 1} "
+                                    f"gave loss {e['loss']}, accuracy {e['acc']}; the run is not "
+                                    "marked complete")
+        if cfg.n_val:
+            val_evals.append([evaluate_loss_and_token_acc(model, ld.val, amp_dtype) for ld in loaders])
+
+    def matrix(rows, x) -> list[list[float]]:
+        return [[e[x] for e in row] for row in rows]
+
+    def metrics_so_far() -> dict:  # an unfinished run's two-domain keys
+        return two_domain_evals(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"))
+
+    def checkpoint(model, pos, st, rows) -> None:
+        done = [h for h in history if h["stage"] < pos[0]] + rows
+        write_json_atomic(rd / "history.json", done)  # live history, for plotting mid-run
+        save_checkpoint(rd, model, pos, st, {"history": done, "evals": evals, "val_evals": val_evals})
+
+    def result(complete: bool) -> dict:
+        return {"config": config, "history": history, "metrics": metrics_so_far(), "complete": complete}
+
+    if stop_after_stage is not None and position[0] > stop_after_stage:
+        return result(False)
+    if not evals:  # LoRA B starts at zero, so the fresh PEFT model computes the base model
+        evaluate_all(model)
+    for stage in range(position[0], n_stages + 1):
+        resume = None
+        if state is not None and stage == position[0] and position[1:] != (1, 0):
+            resume = {"epoch": position[1], "step": position[2], "state": state,
+                      "rows": [h for h in history if h["stage"] == stage]}
+        if stage > 1:
+            if resume is None:  # a fresh start of the stage: its own seed, then any new adapter
+                set_seed(stage_seed(seed, stage))
+                if m.adapter != "continue":
+                    model = stage_model(cfg, m, rd, stage, device, stage_seed(seed, stage, 1))
+            elif m.adapter == "add":  # the checkpoint holds only the new adapter
+                model = _with_factors(stage_model(cfg, m, rd, stage, device, stage_seed(seed, stage, 1)), model)
+        reference = stage_reference(cfg, m, rd, stage, train_sets, device)
+        data, length = stage_train_set(cfg, train_sets, stage, m.data)
+        model, rows = train_stage(model, cfg, m, stage, train_loader(cfg, data, seed, length),
+                                  loaders[stage - 1].eval, m.stage_ranks(cfg, stage),
+                                  reference=reference, amp_dtype=amp_dtype, progress=progress,
+                                  resume=resume, checkpoint=checkpoint)
+        history[:] = [h for h in history if h["stage"] < stage] + rows
+        del evals[stage:], val_evals[stage:]
+        evaluate_all(model)
+        save_adapter(model, adapter_dir(rd, stage, n_stages))
+        if stage == 1:
+            write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals,
+                                                 "val_evals": val_evals}, indent=None)
+        if stage < n_stages:
+            checkpoint(model, (stage + 1, 1, 0), {}, [])
+            if stop_after_stage == stage:
+                return result(False)
+    val = {x: matrix(val_evals, x) for x in ("loss", "acc")} if cfg.n_val else None
+    metrics = run_metrics(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"), val)
+    if cfg.sweep_ranks and cfg.sweep_kinds and n_stages == 2 and m.adapter == "continue":
+        kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
+        del model  # the sweep loads both adapters back from disk
+        sweep = sweep_run(rd, cfg, {"A": loaders[0].eval, "B": loaders[1].eval}, cfg.sweep_ranks, kinds,
+                          device, amp_dtype, progress)
+        base = {"A": metrics["A_base"], "B": metrics["B_base"]}
+        full = {"A": metrics["A_after_stage1"], "B": metrics["B_after_stage2"]}
+        metrics.update(sweep_aucs(sweep, base, full, r_max=max(cfg.r, *cfg.sweep_ranks)))
+    # no timings in metrics.json: same seed, same file
+    write_json_atomic(rd / "history.json", history)
+    write_json_atomic(rd / SEQUENCES_FILE, {"domains": list(cfg.domains),
+                                            "R": [[e["seq"] for e in row] for row in evals]}, indent=None)
+    write_json_atomic(rd / "metrics.json", metrics)  # written last: marks the run complete
+    if not cfg.keep_checkpoints:
+        clear_checkpoints(rd)
+    return result(True) | {"metrics": metrics}
+
+
+def _with_factors(model, source):
+    """`model` with its LoRA factors copied from `source` (same rank); returns `model`."""
+    with torch.no_grad():
+        for (_, a, b, _), (_, a0, b0, _) in zip(lora_factors(model), lora_factors(source)):
+            a.copy_(a0), b.copy_(b0)
+    return model
+
+
+def run_all(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
+            lambdas: dict[str, tuple[float, ...]] | None = None, suffix: str = "") -> list[dict]:
+    """Every method in `cfg.methods` x seed in `cfg.seeds` (complete runs skipped, interrupted
+    ones resumed), then the lambda sweeps `lambdas` ({method: (lambda, ...)}, see
+    `run_lambda_sweep`); rebuilds summary.csv; returns its rows for these runs. A `suffix`
+    names the run folders `<method><suffix>` (e.g. "_delta_w" for another dc_variant)."""
+    preflight(cfg, out_dir, lambdas or {})
+    names = []
+    for method in cfg.methods:
+        for seed in cfg.seeds:
+            done = (run_dir(out_dir, method + suffix, seed) / "metrics.json").exists()
+            if done and progress:
+                tqdm.write(f"{method + suffix} seed {seed}: complete in {out_dir}, skipped")
+            run_experiment(cfg, method, seed, out_dir, progress=progress, name=method + suffix)
+        names.append(method + suffix)
+    for method, values in (lambdas or {}).items():
+        names += run_lambda_sweep(cfg, out_dir, method, values, progress, suffix)
+    write_summary(out_dir)
+    return [summary_row(run_dir(out_dir, name, s)) for name in names for s in cfg.seeds]
+
+
+def run_lambda_sweep(cfg: ExperimentConfig, out_dir: str | Path, method: str, values,
+                     progress: bool = True, suffix: str = "") -> list[str]:
+    """`method` at each lambda of its regularizer (lambda_dc, lambda_l2, lambda_ewc or
+    lambda_olora) x every seed, in `<out>/<method><suffix>_lam<value>/`; a value equal to cfg's
+    own is the plain `<out>/<method><suffix>/` run. Returns the run names. Stage 1 is shared."""
+    check_lambdas({method: values})
+    field, names = LAMBDA_FIELDS[get_method(method).regularizer()], []
+    for lam in values:
+        name = method + suffix if lam == getattr(cfg, field) else sweep_name(method + suffix, lam)
+        for seed in cfg.seeds:
+            run_experiment(dataclasses.replace(cfg, **{field: float(lam)}), method, seed, out_dir,
+                           progress=progress, name=name)
+        names.append(name)
+    return names
+
+
+def preflight(cfg: ExperimentConfig, out_dir: str | Path, lambdas: dict) -> None:
+    """Every check that needs no training, before the first step of a call to `run_all`: the
+    lambda sweeps, the model source, the data files, a writable `out_dir`; warns when a
+    batch is larger than the training set (one step per epoch)."""
+    check_lambdas(lambdas)
+    check_model_source(cfg.model_name)
+    if cfg.data_source == "local":
+        for domain in cfg.domains:
+            path = Path(cfg.data_dir) / f"{domain}.jsonl"
+            if not path.is_file():
+                raise FileNotFoundError(f"domain {domain!r}: no file {path} (data_dir={cfg.data_dir!r})")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise PermissionError(f"cannot write results to {out} ({err.strerror}); choose a folder "
+                              "you can write to with --out") from None
+    if cfg.batch_size > cfg.n_train:
+        warnings.warn(f"batch_size={cfg.batch_size} > n_train={cfg.n_train}: every epoch is one "
+                      "step of one short batch", stacklevel=2)
