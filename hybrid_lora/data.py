@@ -90,7 +90,7 @@ def _local_texts(cfg: ExperimentConfig, domain: str, seed: int) -> DomainTexts:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not a JSON object ({err.msg} at column "
+                raise ValueError(f"{path}:{line_no}: not a JSON object ({err.msg}, column "
                                  f"{err.colno})") from None
             if not isinstance(row, dict) or row.get("split") not in splits or not isinstance(row.get("text"), str):
                 raise ValueError(f"{path}:{line_no}: need 'text' (str) and 'split' in {list(splits)}")
