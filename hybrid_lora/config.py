@@ -168,9 +168,10 @@ class ExperimentConfig:
         if self.max_length < 2:  # a next-token label needs a token before it
             raise bad("max_length", "must be at least 2 (one token to predict the next from)")
         for name in FLOAT_FIELDS:  # NaN passes every comparison below, so test it first
-            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise bad(name, "must be a number")
-            if not math.isfinite(getattr(self, name)):
+            if not math.isfinite(value):
                 raise bad(name, "must be a finite number")
         for name in ("epochs_stage1", "epochs_stage2", "checkpoint_every", "ewc_samples", "n_val"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:

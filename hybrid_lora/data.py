@@ -255,14 +255,13 @@ def make_loaders(cfg: ExperimentConfig, tokenizer, domain: str, seed: int) -> Lo
     training subset's unless `train_data_seed` is fixed). ValueError when its training or
     evaluation texts hold no token to predict (all empty, say)."""
     texts = load_texts(cfg, domain, seed)
-    sets = {}
-    for part in ("train", "eval", "val"):
-        if getattr(texts, part):
-            sets[part] = tokenize(getattr(texts, part), tokenizer, cfg.max_length)
-            # labels[:, 0] is never predicted: the first token has nothing before it
-            if part != "val" and not (sets[part].tensors[2][:, 1:] != IGNORE_INDEX).any():
-                raise ValueError(f"domain {domain!r}: its {len(getattr(texts, part))} {part} texts "
-                                 "hold no token to predict (empty, or one token each)")
+    sets = {part: tokenize(rows, tokenizer, cfg.max_length)
+            for part, rows in texts._asdict().items() if rows}  # no "val" when n_val = 0
+    for part in ("train", "eval"):
+        # labels[:, 0] is never predicted: the first token has nothing before it
+        if not (sets[part].tensors[2][:, 1:] != IGNORE_INDEX).any():
+            raise ValueError(f"domain {domain!r}: its {len(getattr(texts, part))} {part} texts "
+                             "hold no token to predict (empty, or one token each)")
     val = eval_loader(cfg, sets["val"]) if "val" in sets else None
     return Loaders(train_loader(cfg, sets["train"], seed), eval_loader(cfg, sets["eval"]), val)
 

@@ -6,6 +6,7 @@ the first domain; every later stage t >= 2 on domain t, against the adapter afte
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import METHOD_NAMES, ExperimentConfig
@@ -132,5 +133,5 @@ def check_lambdas(lambdas: dict) -> None:
             raise ValueError(f"--lambdas {name}=...: method {name!r} has no lambda-weighted "
                              f"regularizer to sweep; sweepable: {sweepable}")
         for lam in values:
-            if not (lam >= 0 and lam != float("inf")):  # False for NaN too
+            if not (math.isfinite(lam) and lam >= 0):
                 raise ValueError(f"--lambdas {name}={lam}: a lambda must be a finite number >= 0")

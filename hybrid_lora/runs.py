@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import base_fingerprint, build_model, check_model_source, load_adapter, load_tokenizer, lora_factors
+from .adapters import base_fingerprint, build_model, load_adapter, load_tokenizer, lora_factors
 from .checkpoint import (CHECKPOINTS, checkpoint_position, clear_checkpoints, copy_dir, load_checkpoint,
                          save_adapter, save_checkpoint)
 from .cl_results import sweep_name
@@ -51,10 +51,9 @@ def _same_setting(field: str, saved, now) -> bool:
     return False
 
 
-def check_same_run(run: Path, config: dict, ignore: tuple[str, ...] = ()) -> None:
-    """Raise ValueError if `run/config.json` differs from `config` in a field that changes
-    results (other than those in `ignore`)."""
-    saved = read_saved_config(run)
+def check_same_run(run: Path, saved: dict, config: dict, ignore: tuple[str, ...] = ()) -> None:
+    """Raise ValueError if `saved` (`run`'s config.json) differs from `config` in a field that
+    changes results (other than those in `ignore`)."""
     diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items()
              if k not in RUN_INDEPENDENT_FIELDS + ignore and not _same_setting(k, saved.get(k), v)]
     if diffs:
@@ -144,7 +143,8 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     saved = read_saved_config(rd) if (rd / "config.json").exists() and _started(rd) else None
     if saved is not None:
         at_boundary = not complete and checkpoint_position(rd) == (2, 1, 0)
-        check_same_run(rd, config, ignore=STAGE2_FIELDS if at_boundary else ())
+        check_same_run(rd, saved, config, ignore=STAGE2_FIELDS if at_boundary else ())
+
     def finished() -> dict:
         return {"config": saved or config, "history": read_json(rd / "history.json"),
                 "metrics": read_json(rd / "metrics.json"), "complete": True}
@@ -311,16 +311,11 @@ def run_lambda_sweep(cfg: ExperimentConfig, out_dir: str | Path, method: str, va
 
 
 def preflight(cfg: ExperimentConfig, out_dir: str | Path, lambdas: dict) -> None:
-    """Every check that needs no training, before the first step of a call to `run_all`: the
-    lambda sweeps, the model source, the data files, a writable `out_dir`; warns when a
-    batch is larger than the training set (one step per epoch)."""
+    """The checks of a call to `run_all` that no single run makes before it trains: the lambda
+    sweeps (they run after every method) and a writable `out_dir`; warns when a batch is larger
+    than the training set (one step per epoch). The model and the data are checked by the first
+    run as it loads them, before its first step."""
     check_lambdas(lambdas)
-    check_model_source(cfg.model_name)
-    if cfg.data_source == "local":
-        for domain in cfg.domains:
-            path = Path(cfg.data_dir) / f"{domain}.jsonl"
-            if not path.is_file():
-                raise FileNotFoundError(f"domain {domain!r}: no file {path} (data_dir={cfg.data_dir!r})")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

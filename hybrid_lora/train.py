@@ -40,8 +40,10 @@ class FiniteGuard:
         """Note `loss` of 0-based `batch` and its `terms` (name -> scalar tensor)."""
         bad = (self.batch < 0) & ~torch.isfinite(loss.detach())
         values = torch.stack([v.detach().float() for v in terms.values()])  # [n_terms]
-        self.names = list(terms)
-        self.values = values if self.values is None else torch.where(bad, values, self.values)
+        if self.values is None:  # the same terms at every step of an epoch
+            self.names, self.values = list(terms), values
+        else:
+            self.values = torch.where(bad, values, self.values)
         self.batch = torch.where(bad, batch, self.batch)
 
     def check(self) -> None:
