@@ -18,7 +18,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .config import TINY_MODEL, ExperimentConfig
+from .config import TINY_MODELS, ExperimentConfig
+from .families import build_tiny_model, fan_in_fan_out, resolve_target_modules
 
 
 @contextmanager
@@ -76,9 +77,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]{0,95}(/[A-Za-z0-9_][\w.-]{0,95})?")
 
 
 def check_model_source(name: str) -> None:
-    """Clear errors before any loading: `name` must be TINY_MODEL, a model folder (with a
-    config.json and a tokenizer) or something that can be a hub id ("gpt2", "org/name")."""
-    if name == TINY_MODEL:
+    """Clear errors before any loading: `name` must be a key of TINY_MODELS, a model folder (with
+    a config.json and a tokenizer) or something that can be a hub id ("gpt2", "org/name")."""
+    if name in TINY_MODELS:
         return
     path = Path(name).expanduser()
     if path.is_dir():
@@ -100,7 +101,7 @@ def check_model_source(name: str) -> None:
 def load_tokenizer(cfg: ExperimentConfig):
     """The tokenizer of `cfg.model_name` with pad = eos and right padding."""
     check_model_source(cfg.model_name)
-    if cfg.model_name == TINY_MODEL:
+    if cfg.model_name in TINY_MODELS:
         tok = byte_tokenizer()
     else:
         from transformers import AutoTokenizer
@@ -111,38 +112,39 @@ def load_tokenizer(cfg: ExperimentConfig):
 
 
 def build_base_model(cfg: ExperimentConfig, vocab_size: int | None = None) -> nn.Module:
-    """The frozen base LM. Deterministic: a random TINY_MODEL is seeded with `cfg.base_seed`
-    without touching the global RNG, so every call returns identical weights."""
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
-    if cfg.model_name == TINY_MODEL:
-        gcfg = GPT2Config(vocab_size=vocab_size or 257, n_positions=max(cfg.max_length, 64),
-                          n_layer=cfg.tiny_n_layer, n_embd=cfg.tiny_n_embd, n_head=cfg.tiny_n_head,
-                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.base_seed)
-            base = GPT2LMHeadModel(gcfg)
+    """The frozen base LM. Deterministic: a tiny random model (TINY_MODELS) is seeded with
+    `cfg.base_seed` without touching the global RNG, so every call returns identical weights."""
+    if cfg.model_name in TINY_MODELS:
+        base = build_tiny_model(cfg, vocab_size or 257)
     else:
+        from transformers import AutoModelForCausalLM
         base = AutoModelForCausalLM.from_pretrained(cfg.model_name)
     base.requires_grad_(False)
     return base
 
 
-def lora_config(cfg: ExperimentConfig, r: int | None = None, lora_alpha: float | None = None) -> LoraConfig:
-    """PEFT's LoraConfig for this experiment (optionally at another rank / alpha)."""
+def lora_config(cfg: ExperimentConfig, base: nn.Module, r: int | None = None,
+                lora_alpha: float | None = None) -> LoraConfig:
+    """PEFT's LoraConfig for this experiment on `base` (optionally at another rank / alpha):
+    `cfg.target_modules` resolved for base's family, `fan_in_fan_out` from the module type."""
+    targets = resolve_target_modules(cfg, base)
     return LoraConfig(r=cfg.r if r is None else r,
                       lora_alpha=cfg.lora_alpha if lora_alpha is None else lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules),
-                      task_type="CAUSAL_LM", fan_in_fan_out=True)  # GPT-2's c_attn is a Conv1D
+                      lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out(base, targets))
+
+
+def attach_lora(cfg: ExperimentConfig, base: nn.Module, r: int | None = None) -> nn.Module:
+    """`base` with a new rank-`r` (default cfg.r) LoRA; only the LoRA weights are trainable."""
+    with _quiet_peft():
+        return get_peft_model(base, lora_config(cfg, base, r=r))
 
 
 def build_model(cfg: ExperimentConfig, device: torch.device | str = "cpu", r: int | None = None):
     """(PEFT model with LoRA (rank `r`, default cfg.r) attached and only LoRA trainable,
     tokenizer), on `device`."""
     tok = load_tokenizer(cfg)
-    with _quiet_peft():
-        model = get_peft_model(build_base_model(cfg, vocab_size=len(tok)), lora_config(cfg, r=r))
-    return model.to(device), tok
+    return attach_lora(cfg, build_base_model(cfg, vocab_size=len(tok)), r=r).to(device), tok
 
 
 # ----------------------------------------------------------------------- factors
@@ -220,34 +222,33 @@ def count_trainable_params(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------ change rank
-def rebuild_model_for_new_rank(model: nn.Module, new_r: int, cfg: ExperimentConfig,
+def rebuild_model_for_new_rank(model: nn.Module, new_r: int, cfg: ExperimentConfig | None = None,
                                scaling: str = "preserve") -> nn.Module:
-    """A fresh base model with a rank-`new_r` LoRA holding the first `new_r` components.
+    """`model` with its LoRA cut, in place, to rank `new_r`: the first `new_r` components kept.
 
     scaling="preserve": alpha_new = alpha * new_r / old_r, so alpha/r and every kept
     component's contribution are unchanged. scaling="peft": alpha is kept, so alpha/r
     grows by old_r/new_r (what the original implementation did, for comparison).
-    The caller must drop the old model and build a new optimizer over the new parameters.
+    The base model is not reloaded; the LoRA weights become new Parameters, so the caller
+    must build a new optimizer. Returns `model` (`cfg` is not needed; kept for callers).
     """
     if scaling not in ("preserve", "peft"):
         raise ValueError(f"scaling={scaling!r}: must be 'preserve' or 'peft'")
-    old_cfg = model.peft_config[ADAPTER]
-    old_r = old_cfg.r
+    peft_cfg = model.peft_config[ADAPTER]
+    old_r = peft_cfg.r
     if not 1 <= new_r <= old_r:
         raise ValueError(f"new_r={new_r}: must be between 1 and the current rank {old_r}")
-    alpha = old_cfg.lora_alpha * new_r / old_r if scaling == "preserve" else old_cfg.lora_alpha
-    device = next(p.device for _, p, _, _ in lora_factors(model))
-    with rng_isolated(), _quiet_peft():  # the new LoRA's random init is overwritten below
-        base = build_base_model(cfg, vocab_size=model.get_input_embeddings().num_embeddings)
-        new = get_peft_model(base, lora_config(cfg, r=new_r, lora_alpha=alpha)).to(device)
-    with torch.no_grad():
-        for (name, a_old, b_old, _), (name_new, a_new, b_new, _) in zip(lora_factors(model),
-                                                                         lora_factors(new)):
-            assert name == name_new, (name, name_new)
-            a_new.copy_(a_old[:new_r])     # [new_r, in]
-            b_new.copy_(b_old[:, :new_r])  # [out, new_r]
-    new.train(model.training)
-    return new
+    alpha = peft_cfg.lora_alpha * new_r / old_r if scaling == "preserve" else peft_cfg.lora_alpha
+    for _, mod in lora_layers(model):
+        lin_a, lin_b = mod.lora_A[ADAPTER], mod.lora_B[ADAPTER]
+        with torch.no_grad():  # new leaves: the optimizer must not hold the old ones
+            lin_a.weight = nn.Parameter(lin_a.weight[:new_r].clone(), lin_a.weight.requires_grad)      # [new_r, in]
+            lin_b.weight = nn.Parameter(lin_b.weight[:, :new_r].clone(), lin_b.weight.requires_grad)  # [out, new_r]
+        lin_a.out_features = lin_b.in_features = new_r
+        # what PEFT's update_layer sets for a rank-new_r adapter (no rsLoRA)
+        mod.r[ADAPTER], mod.lora_alpha[ADAPTER], mod.scaling[ADAPTER] = new_r, alpha, alpha / new_r
+    peft_cfg.r, peft_cfg.lora_alpha = new_r, alpha
+    return model
 
 
 def load_adapter(cfg: ExperimentConfig, path: str | Path, device: torch.device | str = "cpu",

@@ -36,6 +36,10 @@ SEQUENCES = {
     "imdb-code-yelp": ("imdb", "code", "yelp"),
 }
 TINY_MODEL = "tiny-random-gpt2"  # built from GPT2Config, no download
+# tiny random models of other families (built from their configs; families.py) -> model_type
+TINY_MODELS = {TINY_MODEL: "gpt2", "tiny-random-llama": "llama", "tiny-random-qwen2": "qwen2",
+               "tiny-random-gpt-neox": "gpt_neox", "tiny-random-opt": "opt"}
+TARGET_KEYWORDS = ("attention", "all-linear")  # target_modules spellings that stand alone
 DEVICES = ("auto", "cpu", "cuda", "mps")
 REBUILD_SCALINGS = ("preserve", "peft")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -43,6 +47,8 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 # under a config that differs from its saved config.json only in these.
 RUN_INDEPENDENT_FIELDS = ("methods", "seeds", "checkpoint_every", "keep_checkpoints")
 RUN_INDEPENDENT_FIELDS += ("share_stage1",)
+# How the same computation is laid out: results agree to float rounding.
+RUN_INDEPENDENT_FIELDS += ("gradient_accumulation_steps", "gradient_checkpointing", "eval_batch_size")
 # Fields that only stages 2, 3, ... read: they may change between a Stage-1-only call and
 # Stage 2, and runs that differ only in them share one Stage 1 (`share_stage1`).
 STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "rebuild_scaling",
@@ -59,17 +65,19 @@ class ExperimentConfig:
     """Every setting of a run over a sequence of domains (Stage 1, 2, ...). Field names
     follow the paper and PEFT."""
 
-    # base model: a hub name, a local folder, or TINY_MODEL (random GPT-2 from GPT2Config)
+    # base model: a hub name, a local folder, or a key of TINY_MODELS (random, from a config)
     model_name: str = "gpt2"
-    tiny_n_layer: int = 2  # only used by TINY_MODEL
+    tiny_n_layer: int = 2  # only used by TINY_MODELS
     tiny_n_embd: int = 64
     tiny_n_head: int = 2
-    base_seed: int = 0  # seeds the random init of TINY_MODEL, so every rebuild gets the same base
+    base_seed: int = 0  # seeds the random init of TINY_MODELS, so every rebuild gets the same base
     # LoRA (PEFT names)
     r: int = 64
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("c_attn",)
+    # module names, "attention" (the family's attention projections: GPT-2 c_attn, LLaMA
+    # q/k/v/o_proj, ...; families.ATTENTION_MODULES) or "all-linear" (PEFT's meaning)
+    target_modules: tuple[str, ...] = ("attention",)
     # data
     domains: tuple[str, ...] = ("imdb", "yelp")  # one per stage: Stage 1, Stage 2, ...
     data_source: str = "hub"  # "hub" (HF datasets), "local" (<data_dir>/<domain>.jsonl), "builtin"
@@ -80,12 +88,15 @@ class ExperimentConfig:
     data_seed: int = 42  # draws the evaluation and validation texts (the same for every run seed)
     train_data_seed: int | None = None  # draws the training subset; None: the run's seed (data noise in the intervals)
     max_length: int = 128
-    batch_size: int = 8
+    batch_size: int = 8  # sequences per optimizer step (all micro-batches and processes together)
+    eval_batch_size: int | None = None  # None: batch_size
     # optimisation
     epochs_stage1: int = 3
     epochs_stage2: int = 3  # epochs of every stage after the first
     lr: float = 5e-5
     weight_decay: float = 0.01  # torch.optim.AdamW's default
+    gradient_accumulation_steps: int = 1  # split each batch into this many micro-batches (memory)
+    gradient_checkpointing: bool = False  # recompute activations in backward (memory for time)
     lambda_order: float = 1e-4
     lambda_dc: float = 0.1
     dc_variant: str = "global"  # paper: cosine of all A, B flattened; "per_module"; "delta_w" (of B A)
@@ -189,6 +200,16 @@ class ExperimentConfig:
                 raise bad(name, "must be >= 0")
         if not self.target_modules:
             raise bad("target_modules", "name at least one module")
+        if len(self.target_modules) > 1 and set(self.target_modules) & set(TARGET_KEYWORDS):
+            raise bad("target_modules", f"{' and '.join(TARGET_KEYWORDS)} stand alone; do not mix them with names")
+        if not isinstance(self.gradient_accumulation_steps, int) or self.gradient_accumulation_steps < 1:
+            raise bad("gradient_accumulation_steps", "must be a positive integer")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise bad("gradient_accumulation_steps", f"must divide batch_size={self.batch_size} "
+                      "(batch_size counts the sequences of one optimizer step)")
+        if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int)
+                                                 or self.eval_batch_size < 1):
+            raise bad("eval_batch_size", "must be a positive integer or None (None: batch_size)")
         if not self.rank_schedule:
             raise bad("rank_schedule", "give one rank per Stage-2 epoch")
         for k in self.rank_schedule:
@@ -226,7 +247,7 @@ class ExperimentConfig:
                           "or '<dataset>[@<config>]:<text column>'")
         if self.device not in DEVICES:
             raise bad("device", f"must be one of {DEVICES}")
-        for name in ("keep_checkpoints", "dylora_frozen", "share_stage1"):
+        for name in ("keep_checkpoints", "dylora_frozen", "share_stage1", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
         if not isinstance(self.dylora_r_min, int) or not 1 <= self.dylora_r_min <= min(self.rank_schedule):

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import get_peft_model
 
-from .adapters import (_quiet_peft, build_base_model, build_model, flatten_factors, load_adapter,
-                       load_tokenizer, lora_config, lora_factors, rng_isolated, snapshot_factors)
+from .adapters import (_quiet_peft, attach_lora, build_base_model, build_model, flatten_factors,
+                       load_adapter, load_tokenizer, lora_factors, rng_isolated, snapshot_factors)
 from .cl_losses import dc_delta_w, dc_per_module, delta_w_l2, ewc_penalty, module_vectors, olora_penalty
 from .config import ExperimentConfig
 from .losses import causal_lm_sums, domain_correlation_loss
@@ -142,5 +141,4 @@ def _stage_model(cfg: ExperimentConfig, method: Method, run: Path, stage: int, d
             base = PeftModel.from_pretrained(base, str(adapter_dir(run, k, len(cfg.domains))))
         base = base.merge_and_unload()  # W <- W + s B A, then a plain module again
     base.requires_grad_(False)
-    with _quiet_peft():
-        return get_peft_model(base, lora_config(cfg, r=method.train_rank(cfg))).to(device)
+    return attach_lora(cfg, base, r=method.train_rank(cfg)).to(device)

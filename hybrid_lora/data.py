@@ -247,7 +247,7 @@ class Loaders(NamedTuple):
 def eval_loader(cfg: ExperimentConfig, dataset) -> DataLoader:
     """Fixed order, with its own generator: iterating it draws nothing from the global RNG
     (which drives LoRA dropout: evaluating must not change training)."""
-    return DataLoader(dataset, batch_size=cfg.batch_size, generator=torch.Generator())
+    return DataLoader(dataset, batch_size=cfg.eval_batch_size or cfg.batch_size, generator=torch.Generator())
 
 
 def make_loaders(cfg: ExperimentConfig, tokenizer, domain: str, seed: int) -> Loaders:

@@ -32,12 +32,17 @@ from .config import RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
 from .continual import adapter_dir, stage_model, stage_reference
 from .data import fingerprint, make_loaders, stage_train_set, train_loader
 from .evaluate import choose_amp_dtype, evaluate_loss_and_token_acc
+from .families import canonical_targets
 from .methods import LAMBDA_FIELDS, Method, check_lambdas, get_method
 from .ranks import sweep_run
 from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, run_dir, run_metrics,
                       summary_row, two_domain_evals, write_json_atomic, write_summary)
 from .sweep_results import sweep_aucs
 from .train import NonFiniteLoss, resolve_device, set_seed, train_stage
+
+
+_DEFAULTS = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+             for f in dataclasses.fields(ExperimentConfig)}
 
 
 def _same_setting(field: str, saved, now) -> bool:
@@ -54,6 +59,13 @@ def _same_setting(field: str, saved, now) -> bool:
 def check_same_run(run: Path, saved: dict, config: dict, ignore: tuple[str, ...] = ()) -> None:
     """Raise ValueError if `saved` (`run`'s config.json) differs from `config` in a field that
     changes results (other than those in `ignore`)."""
+    saved = dict(saved)
+    for k, v in _DEFAULTS.items():  # a field added after the run was made acts as its default did
+        saved.setdefault(k, v)
+    if "target_modules" in config:  # ("attention",) is the family's list spelled out
+        saved["target_modules"] = list(canonical_targets(saved.get("model_name", ""), saved["target_modules"]))
+        config = {**config, "target_modules": list(canonical_targets(config.get("model_name", ""),
+                                                                     config["target_modules"]))}
     diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items()
              if k not in RUN_INDEPENDENT_FIELDS + ignore and not _same_setting(k, saved.get(k), v)]
     if diffs:

@@ -17,6 +17,8 @@ from .checkpoint import set_rng_state
 from .config import ExperimentConfig
 from .continual import StageReference, regularizer_terms
 from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, model_device
+from .data import IGNORE_INDEX
+from .families import enable_gradient_checkpointing
 from .losses import causal_lm_sums, ordering_penalty
 from .methods import Method
 from .nested import nested_training
@@ -165,6 +167,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
         if rank != current_rank(model):
             model = rebuild_model_for_new_rank(model, rank, cfg, scaling=rebuild_scaling)
             optimizer = make_optimizer(model, cfg)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         # Done once per (re)build, not per step: the live factor list and the frozen
         # previous-stage vectors cut to the current rank (so elements line up: defect 4).
         factors = [(a, b) for _, a, b, _ in lora_factors(model)]
@@ -183,16 +187,29 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             model.train()
             batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
                            disable=not progress, initial=skip, total=n_batches)
-            for input_ids, attention_mask, labels in batches:
-                input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
-                                                     for t in (input_ids, attention_mask, labels))
+            for batch in batches:
                 if nest is not None:  # DyLoRA: this step trains rank b only
                     nest.begin(nest.sample())
-                with autocast(device, amp_dtype):
-                    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-                ce_b, n_b, _ = causal_lm_sums(logits, labels, with_hits=False)  # fp32 loss
-                loss = ce_b / n_b.clamp(min=1)
-                parts = {"ce": loss}
+                # Every micro-batch's CE is divided by the tokens of the whole batch, so the
+                # accumulated gradient is the one of the whole batch (token-weighted mean).
+                n_step = (batch[2][:, 1:] != IGNORE_INDEX).sum().to(device)
+                optimizer.zero_grad(set_to_none=True)
+                micro = list(zip(*(t.chunk(cfg.gradient_accumulation_steps) for t in batch)))
+                ce_step = torch.zeros((), device=device)
+                for i, (input_ids, attention_mask, labels) in enumerate(micro):
+                    input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
+                                                         for t in (input_ids, attention_mask, labels))
+                    with autocast(device, amp_dtype):
+                        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+                    ce_b, n_b, _ = causal_lm_sums(logits, labels, with_hits=False)  # fp32 loss
+                    loss = ce_b / n_step.clamp(min=1)
+                    ce_step = ce_step + loss.detach()
+                    sums["ce"] += ce_b.detach().double()
+                    sums["tokens"] += n_b
+                    if i < len(micro) - 1:
+                        scaler.scale(loss).backward()
+                # The regularizers join the last micro-batch's loss: once per optimizer step.
+                parts = {"ce": ce_step}
                 if lam_order:
                     parts["order"] = lam_order * ordering_penalty(factors)
                     loss = loss + parts["order"]
@@ -201,15 +218,12 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                     parts[name] = term()
                     loss = loss + parts[name]
                     sums[name] += parts[name].detach()
-                guard.record(step, loss, parts)
-                optimizer.zero_grad(set_to_none=True)
+                guard.record(step, sum(parts.values()), parts)
                 scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
                 scaler.step(optimizer)
                 scaler.update()
                 if nest is not None:
                     nest.end()
-                sums["ce"] += ce_b.detach().double()
-                sums["tokens"] += n_b
                 sums["steps"] += 1
                 step += 1
                 if step % guard.every == 0:

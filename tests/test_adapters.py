@@ -65,7 +65,7 @@ def test_defect3_peft_scaling_amplifies_and_preserve_does_not(cfg):
     model, _ = build_model(cfg)
     randomize_lora(model, scale=0.3)
     old = lora_factors(model)[0][3]
-    kept = rebuild_model_for_new_rank(model, 2, cfg, scaling="preserve")
+    kept = rebuild_model_for_new_rank(copy.deepcopy(model), 2, cfg, scaling="preserve")
     drift = rebuild_model_for_new_rank(model, 2, cfg, scaling="peft")
     assert lora_factors(kept)[0][3] == pytest.approx(old)
     assert lora_factors(drift)[0][3] == pytest.approx(old * cfg.r / 2)
@@ -86,7 +86,7 @@ def test_defect4_truncated_stage1_vector_lines_up_with_rebuilt_model(cfg):
     assert domain_correlation_loss(naive_prefix, w_cur, 1.0).item() > 0.5
 
 
-def test_rebuild_starts_from_identical_random_base_and_leaves_global_rng_alone(cfg):
+def test_base_build_is_identical_and_leaves_global_rng_alone(cfg):
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
@@ -95,12 +95,32 @@ def test_rebuild_starts_from_identical_random_base_and_leaves_global_rng_alone(c
     second = build_base_model(cfg)
     for (n, p), (_, q) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("scaling", ["preserve", "peft"])
+def test_rank_change_in_place_equals_a_fresh_model_built_at_the_new_rank(cfg, scaling):
+    """The in-place cut (no reload of the base) against the rebuild it replaced: a fresh base
+    with a rank-k LoRA whose alpha follows the scaling rule, holding the first k components."""
     model, _ = build_model(cfg)
-    rebuilt = rebuild_model_for_new_rank(model, 4, cfg)
-    base_params = {n: p for n, p in rebuilt.named_parameters() if "lora_" not in n}
-    for n, p in model.named_parameters():
+    randomize_lora(model, scale=0.3)
+    k, alpha = 3, cfg.lora_alpha * 3 / cfg.r if scaling == "preserve" else cfg.lora_alpha
+    base_before = {n: p for n, p in model.named_parameters() if "lora_" not in n}
+    base = build_base_model(cfg)
+    reference = get_peft_model(base, lora_config(cfg, base, r=k, lora_alpha=alpha))
+    with torch.no_grad():
+        for (_, a, b, _), (_, a_ref, b_ref, _) in zip(lora_factors(model), lora_factors(reference)):
+            a_ref.copy_(a[:k])
+            b_ref.copy_(b[:, :k])
+    cut = rebuild_model_for_new_rank(model, k, cfg, scaling=scaling)
+    assert cut is model
+    x = ids(cfg)
+    assert torch.equal(logits_of(cut, x), logits_of(reference, x))
+    assert [s for *_, s in lora_factors(cut)] == [s for *_, s in lora_factors(reference)]
+    assert cut.peft_config["default"].r == k and cut.peft_config["default"].lora_alpha == alpha
+    for n, p in cut.named_parameters():  # the very same base tensors: nothing reloaded
         if "lora_" not in n:
-            assert torch.equal(p, base_params[n]), n
+            assert p is base_before[n], n
+    assert count_trainable_params(cut) == count_trainable_params(reference)
 
 
 def test_rebuild_rejects_bad_rank_and_scaling(cfg):
@@ -121,7 +141,7 @@ def test_defect7_parameter_counts_of_gpt2_small_are_measured_from_the_model():
     for r, expected in ((64, 2_359_296), (16, 589_824)):
         with torch.device("meta"):  # full GPT-2 shapes without allocating weights
             base = GPT2LMHeadModel(GPT2Config())
-            model = get_peft_model(base, lora_config(cfg, r=r))  # the config build_model uses
+            model = get_peft_model(base, lora_config(cfg, base, r=r))  # the config build_model uses
         assert count_trainable_params(model) == expected == 12 * r * (768 + 2304)
         assert sum(p.numel() for p in model.parameters()) - expected == 124_439_808
 

@@ -1,4 +1,5 @@
 """Rank flexibility: DyLoRA nested training, slicing conventions, SVD truncation, the rank sweep."""
+import copy
 import math
 
 import pytest
@@ -162,7 +163,8 @@ def test_slice_sweep_equals_a_rebuilt_lower_rank_model(cfg, trained, scaling, re
     points = rank_sweep(model, loader, [1, 4, 16], "slice", scaling)
     assert [p["rank"] for p in points] == [1, 4]  # 16 is above the adapter's rank
     for p in points:
-        ev = evaluate_loss_and_token_acc(rebuild_model_for_new_rank(model, p["rank"], cfg, rebuild), loader)
+        cut = rebuild_model_for_new_rank(copy.deepcopy(model), p["rank"], cfg, rebuild)
+        ev = evaluate_loss_and_token_acc(cut, loader)
         assert p["loss"] == pytest.approx(ev["loss"], abs=1e-6) and p["acc"] == pytest.approx(ev["acc"], abs=1e-9)
     assert evaluate_loss_and_token_acc(model, loader)["loss"] != points[0]["loss"]
 
