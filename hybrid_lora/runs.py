@@ -245,10 +245,13 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
         model, rows = train_stage(model, cfg, m, stage, train_loader(cfg, data, seed, length),
                                   loaders[stage - 1].eval, m.stage_ranks(cfg, stage),
                                   reference=reference, amp_dtype=amp_dtype, progress=progress,
-                                  resume=resume, checkpoint=checkpoint)
-        history[:] = [h for h in history if h["stage"] < stage] + rows
+                                  resume=resume, checkpoint=checkpoint, evaluate_last=False)
         del evals[stage:], val_evals[stage:]
         evaluate_all(model)
+        # the last epoch's evaluation is this row of R: the same model on the same loader
+        if rows:
+            rows[-1].update(eval_loss=evals[-1][stage - 1]["loss"], eval_acc=evals[-1][stage - 1]["acc"])
+        history[:] = [h for h in history if h["stage"] < stage] + rows
         save_adapter(model, adapter_dir(rd, stage, n_stages))
         if stage == 1:
             write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals,

@@ -113,7 +113,8 @@ def _probe(term, factors) -> tuple[float, float]:
 def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_loader, eval_loader,
                 ranks: tuple[int, ...], reference: StageReference | None = None,
                 amp_dtype: torch.dtype | None = None,
-                progress: bool = True, resume: dict | None = None, checkpoint=None):
+                progress: bool = True, resume: dict | None = None, checkpoint=None,
+                evaluate_last: bool = True):
     """Train one stage, one epoch per entry of `ranks`; returns (model, history rows).
 
     Before an epoch whose rank is below the model's, the model is rebuilt at that rank
@@ -125,6 +126,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
     `amp_dtype` (from `choose_amp_dtype`) autocasts the forward pass only: the LoRA weights,
     the regularizers and the loss sums stay fp32; fp16 adds a GradScaler.
     `train_loader.sampler` must be an `EpochSampler` (each epoch's order rebuilt on its own).
+    Each epoch ends with an evaluation on `eval_loader`; `evaluate_last=False` leaves the last
+    epoch's `eval_loss` / `eval_acc` None, for a caller that evaluates the model there anyway.
 
     `checkpoint(model, position, state, rows)` is called every `cfg.checkpoint_every` steps
     and after each epoch. `resume` ({"epoch", "step", "rows", "state"} from such a call)
@@ -238,7 +241,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             guard.check()
             if nest is not None:
                 nest.full()
-            ev = evaluate_loss_and_token_acc(model, eval_loader, amp_dtype)
+            last = epoch == len(ranks) and not evaluate_last
+            ev = {"loss": None, "acc": None} if last else evaluate_loss_and_token_acc(model, eval_loader, amp_dtype)
         cos = None
         if w_prev is not None:
             with torch.no_grad():
@@ -259,7 +263,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             "seconds": time.perf_counter() - start,
         })
         epochs.update()
-        epochs.set_postfix(eval_loss=f"{ev['loss']:.3f}", eval_acc=f"{ev['acc']:.3f}")
+        if ev["loss"] is not None:
+            epochs.set_postfix(eval_loss=f"{ev['loss']:.3f}", eval_acc=f"{ev['acc']:.3f}")
         if checkpoint:
             save(model, (stage, epoch + 1, 0))
     epochs.close()
