@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-
 from pathlib import Path
 
 from .config import METHOD_NAMES, PRESETS, SEQUENCES, SWEEP_KINDS, ExperimentConfig, from_preset
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--scaling", choices=("method", "preserve", "dylora", "both"), default="method",
                        help="slicing convention; 'method': the one the method trains with")
     sweep.add_argument("--device", help="default: the run's device setting")
+    sweep.add_argument("--n-eval", type=int, metavar="N",
+                       help="evaluate on the first N evaluation texts of each domain (default: the "
+                            "run's sweep_n_eval, else all); rows hold the base model on the same texts")
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -80,6 +83,8 @@ def sweep_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"sweep-ranks: {run} has no config.json (expected <out>/<method>/seed<k>)")
     saved = read_json(run / "config.json")
     cfg, method = ExperimentConfig.from_dict(saved), get_method(saved["method"])
+    if args.n_eval is not None:
+        cfg = dataclasses.replace(cfg, sweep_n_eval=args.n_eval)
     scalings = {"method": [method.cut_scaling(cfg)], "both": ["preserve", "dylora"]}.get(
         args.scaling, [args.scaling])
     kinds = [(kind, s) for kind in (args.kinds or cfg.sweep_kinds)

@@ -53,7 +53,7 @@ RUN_INDEPENDENT_FIELDS += ("gradient_accumulation_steps", "gradient_checkpointin
 # Stage 2, and runs that differ only in them share one Stage 1 (`share_stage1`).
 STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "rebuild_scaling",
                  "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "ewc_samples",
-                 "sweep_ranks", "sweep_kinds")
+                 "sweep_ranks", "sweep_kinds", "sweep_n_eval")
 DC_VARIANTS = ("global", "per_module", "delta_w")
 PRESETS = ("paper", "smoke", "forgetting")
 FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "lr", "weight_decay", "lambda_order", "lambda_dc",
@@ -117,6 +117,7 @@ class ExperimentConfig:
     # post-hoc rank sweep of each run's Stage-1 and final adapters (ranks above an adapter's skipped)
     sweep_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     sweep_kinds: tuple[str, ...] = ("slice", "svd")  # slice: first k components; svd: best rank k
+    sweep_n_eval: int | None = None  # the sweep evaluates the first N evaluation texts (None: all)
     # runs
     methods: tuple[str, ...] = PAPER_METHODS
     seeds: tuple[int, ...] = (42, 43, 44)
@@ -207,6 +208,8 @@ class ExperimentConfig:
         if self.batch_size % self.gradient_accumulation_steps:
             raise bad("gradient_accumulation_steps", f"must divide batch_size={self.batch_size} "
                       "(batch_size counts the sequences of one optimizer step)")
+        if self.sweep_n_eval is not None and (not isinstance(self.sweep_n_eval, int) or self.sweep_n_eval < 1):
+            raise bad("sweep_n_eval", "must be a positive integer or None (None: every evaluation text)")
         if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int)
                                                  or self.eval_batch_size < 1):
             raise bad("eval_batch_size", "must be a positive integer or None (None: batch_size)")

@@ -107,44 +107,89 @@ def rank_sweep(model: nn.Module, loader, ranks, kind: str = "slice", scaling: st
 
 
 def sweep_adapters(adapters: dict, loaders: dict, ranks, kinds, amp_dtype=None,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, uncut: dict | None = None) -> list[dict]:
     """Rank sweeps of several adapters on several domains, as flat rows for `sweep.json`.
 
     adapters: {"stage1": model, "final": model}; loaders: {"A": eval loader, "B": ...};
     kinds: [("slice", "preserve"), ("svd", "preserve"), ...]. Each row: adapter,
-    adapter_rank, domain, kind, scaling, rank, loss, acc.
+    adapter_rank, domain, kind, scaling, rank, loss, acc. `uncut` ({(adapter, domain):
+    {"loss", "acc"}}, the uncut adapter on those sequences, known from the R matrix) gives
+    the rows at an adapter's own rank without evaluating them again (a cut to its own rank
+    is the adapter itself: SVD only rotates its factors).
     """
     from tqdm.auto import tqdm
 
+    uncut = uncut or {}
     jobs = [(name, model, domain, loader, kind, scaling)
             for name, model in adapters.items() for domain, loader in loaders.items()
             for kind, scaling in kinds]
-    total = sum(len([k for k in set(ranks) if k <= lora_factors(model)[0][1].shape[0]])
-                for _, model, *_ in jobs)
+
+    def todo(name, model, domain):
+        r = lora_factors(model)[0][1].shape[0]
+        return [k for k in set(ranks) if k < r or (k == r and (name, domain) not in uncut)]
+
+    total = sum(len(todo(name, model, domain)) for name, model, domain, *_ in jobs)
     bar = tqdm(total=total, desc="rank sweep", unit="eval", disable=not progress)
     rows = []
     for name, model, domain, loader, kind, scaling in jobs:
         r = lora_factors(model)[0][1].shape[0]
-        for point in rank_sweep(model, loader, ranks, kind, scaling, amp_dtype, progress=bar):
+        points = rank_sweep(model, loader, todo(name, model, domain), kind, scaling, amp_dtype, progress=bar)
+        if r in ranks and (name, domain) in uncut:
+            points.append({"rank": r, **uncut[name, domain]})
+        for point in points:
             rows.append({"adapter": name, "adapter_rank": r, "domain": domain, "kind": kind,
                          "scaling": scaling, **point})
     bar.close()
     return rows
 
 
+def _first(entry: dict, n: int | None) -> dict:
+    """{"loss", "acc"} of the first `n` sequences (all if None) of an R-matrix entry's
+    per-sequence sums ({"nll", "tokens", "hits"} lists, eval_sequences.json)."""
+    nll, tokens, hits = (entry[k][:n] for k in ("nll", "tokens", "hits"))
+    return {"loss": sum(nll) / sum(tokens), "acc": sum(hits) / sum(tokens)}
+
+
 def sweep_run(run, cfg, loaders: dict, ranks, kinds, device, amp_dtype=None,
               progress: bool = True) -> list[dict]:
     """Sweep the saved adapters of one run folder (`adapter_stage1/`, `adapter_final/`, those
-    present) on `loaders`; merge the rows into `<run>/sweep.json` (a row with the same
-    adapter, domain, kind, scaling and rank is replaced) and return all its rows."""
+    present) on `loaders` ({"A": eval loader of domain 1, "B": of domain 2}), cut to the first
+    `cfg.sweep_n_eval` sequences (None: all); merge the rows into `<run>/sweep.json` (a row with
+    the same adapter, domain, kind, scaling and rank is replaced) and return all its rows.
+
+    With the run's `eval_sequences.json` (per-sequence sums of the R matrix), every row also
+    holds `n_eval` and the base model on the same sequences (`base_loss`, `base_acc`), and the
+    rows at an adapter's own rank are read from R instead of evaluated again."""
     from pathlib import Path
+
+    from torch.utils.data import Subset
+
+    from .data import eval_loader
+    from .results import SEQUENCES_FILE
 
     run = Path(run)
     adapters = {name: load_adapter(cfg, run / f"adapter_{name}", device)
                 for name in ("stage1", "final") if (run / f"adapter_{name}").exists()}
     if not adapters:
         raise FileNotFoundError(f"no adapter_stage1/ or adapter_final/ in {run}")
-    new = sweep_adapters(adapters, loaders, ranks, kinds, amp_dtype, progress)
+    n = cfg.sweep_n_eval
+    if n is not None:
+        loaders = {d: eval_loader(cfg, Subset(ld.dataset, range(min(n, len(ld.dataset)))))
+                   for d, ld in loaders.items()}
+    seqs = read_json(run / SEQUENCES_FILE) if (run / SEQUENCES_FILE).exists() else None
+    if seqs is None and n is not None:
+        raise FileNotFoundError(f"sweep_n_eval={n} needs the base model on those sequences, from "
+                                f"{run / SEQUENCES_FILE}, written when the run completes")
+    uncut, extra = {}, {}
+    if seqs is not None:
+        r_rows = {"stage1": seqs["R"][1], "final": seqs["R"][-1]}
+        for col, d in enumerate(loaders):
+            base = _first(seqs["R"][0][col], n)
+            extra[d] = {"n_eval": len(loaders[d].dataset), "base_loss": base["loss"], "base_acc": base["acc"]}
+            for name in adapters:
+                uncut[name, d] = _first(r_rows[name][col], n)
+    new = [{**row, **extra.get(row["domain"], {})}
+           for row in sweep_adapters(adapters, loaders, ranks, kinds, amp_dtype, progress, uncut)]
     key = lambda row: tuple(row[k] for k in ("adapter", "domain", "kind", "scaling", "rank"))  # noqa: E731
     old = read_json(run / "sweep.json") if (run / "sweep.json").exists() else []
     fresh = {key(row) for row in new}

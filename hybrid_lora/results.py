@@ -44,7 +44,8 @@ DERIVED_KEYS = ("retention", "delta_loss_A", "gain_retained")
 # from sweep.json (`sweep_aucs`); NaN when not swept
 SWEEP_KEYS = ("rank_auc_loss_stage1_A", "rank_auc_acc_stage1_A", "rank_auc_loss_final_B",
               "rank_auc_acc_final_B")
-SWEEP_COLUMNS = ("adapter", "adapter_rank", "domain", "kind", "scaling", "rank", "loss", "acc")
+SWEEP_COLUMNS = ("adapter", "adapter_rank", "domain", "kind", "scaling", "rank", "loss", "acc",
+                 "n_eval", "base_loss", "base_acc")  # the last three: the sequences evaluated
 # From R, for any number of stages T: "first" is the Stage-1 domain, "new" the last stage's.
 CL_KEYS = ("avg_final_acc", "bwt", "forgetting_first", "delta_loss_first", "delta_ppl_first",
            "gain_retained_first", "forgetting_mean", "delta_loss_mean", "new_gain", "new_acc",

@@ -37,7 +37,7 @@ from .methods import LAMBDA_FIELDS, Method, check_lambdas, get_method
 from .ranks import sweep_run
 from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, run_dir, run_metrics,
                       summary_row, two_domain_evals, write_json_atomic, write_summary)
-from .sweep_results import sweep_aucs
+from .sweep_results import sweep_aucs, sweep_reference
 from .train import NonFiniteLoss, resolve_device, set_seed, train_stage
 
 
@@ -262,18 +262,16 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
                 return result(False)
     val = {x: matrix(val_evals, x) for x in ("loss", "acc")} if cfg.n_val else None
     metrics = run_metrics(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"), val)
+    write_json_atomic(rd / SEQUENCES_FILE, {"domains": list(cfg.domains),  # the sweep reads it
+                                            "R": [[e["seq"] for e in row] for row in evals]}, indent=None)
     if cfg.sweep_ranks and cfg.sweep_kinds and n_stages == 2 and m.adapter == "continue":
         kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
         del model  # the sweep loads both adapters back from disk
         sweep = sweep_run(rd, cfg, {"A": loaders[0].eval, "B": loaders[1].eval}, cfg.sweep_ranks, kinds,
                           device, amp_dtype, progress)
-        base = {"A": metrics["A_base"], "B": metrics["B_base"]}
-        full = {"A": metrics["A_after_stage1"], "B": metrics["B_after_stage2"]}
-        metrics.update(sweep_aucs(sweep, base, full, r_max=max(cfg.r, *cfg.sweep_ranks)))
+        metrics.update(sweep_aucs(sweep, *sweep_reference(sweep), r_max=max(cfg.r, *cfg.sweep_ranks)))
     # no timings in metrics.json: same seed, same file
     write_json_atomic(rd / "history.json", history)
-    write_json_atomic(rd / SEQUENCES_FILE, {"domains": list(cfg.domains),
-                                            "R": [[e["seq"] for e in row] for row in evals]}, indent=None)
     write_json_atomic(rd / "metrics.json", metrics)  # written last: marks the run complete
     if not cfg.keep_checkpoints:
         clear_checkpoints(rd)

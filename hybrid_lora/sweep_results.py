@@ -63,11 +63,25 @@ def sweep_aucs(rows: list[dict], base: dict, full: dict, r_max: int, kind: str =
     return out
 
 
+def sweep_reference(rows: list[dict]) -> tuple[dict, dict]:
+    """(base, full) for `sweep_aucs` from one run's sweep rows (those with `base_loss`): the base
+    model on each domain, and the uncut adapter (Stage 1 on A, final on B), on the sequences
+    the sweep used: {"A": {"loss", "acc"}, "B": ...}."""
+    base, full = {}, {}
+    for row in rows:
+        d = row["domain"]
+        base[d] = {"loss": row["base_loss"], "acc": row["base_acc"]}
+        if (row["adapter"], d) in (("stage1", "A"), ("final", "B")) and row["rank"] == row["adapter_rank"]:
+            full[d] = {"loss": row["loss"], "acc": row["acc"]}
+    return base, full
+
+
 def load_sweeps(out: str | Path):
     """Every finished run's sweep.json under `out` as one DataFrame.
 
-    Columns: run (the run folder's name, e.g. "dylora_lam0.01"), method, seed, SWEEP_COLUMNS, then base_loss / base_acc (the base model on that
-    domain, from metrics.json) and `gain_kept` / `loss_gain_kept`: the share of the adapter's
+    Columns: run (the run folder's name, e.g. "dylora_lam0.01"), method, seed, SWEEP_COLUMNS
+    (base_loss / base_acc: the base model on the sequences the row was evaluated on; from
+    metrics.json for rows written before rows held it), then `gain_kept` / `loss_gain_kept`: the share of the adapter's
     own-rank gain over the base model that the cut keeps, in accuracy and in loss
     ((acc_k - acc_base) / (acc_full - acc_base), (L_base - L_k) / (L_base - L_full)).
     """
@@ -82,8 +96,9 @@ def load_sweeps(out: str | Path):
         df.insert(0, "seed", cfg["seed"])
         df.insert(0, "method", cfg["method"])
         df.insert(0, "run", run.parent.name)
-        df["base_loss"] = [m[f"{d}_base"]["loss"] for d in df["domain"]]
-        df["base_acc"] = [m[f"{d}_base"]["acc"] for d in df["domain"]]
+        # rows written before sweeps carried the base on their own sequences: the whole eval set
+        df["base_loss"] = df["base_loss"].fillna(pd.Series([m[f"{d}_base"]["loss"] for d in df["domain"]]))
+        df["base_acc"] = df["base_acc"].fillna(pd.Series([m[f"{d}_base"]["acc"] for d in df["domain"]]))
         frames.append(df)
     if not frames:
         raise FileNotFoundError(f"no finished runs with a sweep.json under {out}")

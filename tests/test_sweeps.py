@@ -138,3 +138,41 @@ def test_rank_flex_table_with_a_reference_uses_its_uncut_gain_per_seed():
     assert t.at["nested", "auc"] == pytest.approx(((0.25 + 0.5) / 2 + (0.5 + 1.0) / 2) / 2)
     with pytest.raises(ValueError, match="reference run 'olora'"):
         rank_flex_table(pd.DataFrame(rows), "final", "B", reference="olora")
+
+
+def test_sweep_on_the_first_n_texts_against_independent_evaluations(tmp_path):
+    """sweep_n_eval=5 of 8: every row holds the cut adapter and the base model on the first 5
+    evaluation texts (checked by evaluating them here, batched differently); the rows at an
+    adapter's own rank come from the R matrix's per-sequence sums, not a second evaluation."""
+    import copy
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from hybrid_lora import build_model, evaluate_loss_and_token_acc, load_adapter, rebuild_model_for_new_rank
+    from hybrid_lora.adapters import load_tokenizer
+    from hybrid_lora.data import make_loaders
+
+    cfg = tiny_config(sweep_ranks=(1, 2, 8), sweep_n_eval=5)
+    result = run_experiment(cfg, "lora", 42, tmp_path, progress=False)
+    run = run_dir(tmp_path, "lora", 42)
+    rows = read_json(run / "sweep.json")
+    tok = load_tokenizer(cfg)
+    checked = 0
+    for d, domain in zip("AB", cfg.domains):
+        first = DataLoader(TensorDataset(*make_loaders(cfg, tok, domain, 42).eval.dataset[:5]), batch_size=3)
+        base = evaluate_loss_and_token_acc(build_model(cfg)[0], first)  # B = 0: the base model
+        for adapter in ("stage1", "final"):
+            model = load_adapter(cfg, run / f"adapter_{adapter}")
+            for row in (r for r in rows if (r["adapter"], r["domain"]) == (adapter, d)):
+                assert row["n_eval"] == 5
+                assert row["base_loss"] == pytest.approx(base["loss"], rel=1e-6)
+                assert row["base_acc"] == pytest.approx(base["acc"], abs=1e-12)
+                if row["kind"] == "svd" and row["rank"] < 8:
+                    continue  # SVD cuts are checked against PEFT in test_ranks
+                cut = rebuild_model_for_new_rank(copy.deepcopy(model), row["rank"], cfg)
+                ev = evaluate_loss_and_token_acc(cut, first)
+                assert row["loss"] == pytest.approx(ev["loss"], rel=1e-6), row
+                assert row["acc"] == pytest.approx(ev["acc"], abs=1e-12), row
+                checked += 1
+    assert checked == 2 * 2 * (3 + 1)  # 2 domains x 2 adapters x (3 slices + the uncut SVD row)
+    assert math.isfinite(result["metrics"]["rank_auc_loss_final_B"])
