@@ -23,7 +23,8 @@ _EXPORTS = {
                 "run_dir"),
     "sweep_results": ("load_sweeps", "rank_flex_table", "rank_table"),
     "train": ("device_report",),
-    "runs": ("run_all", "run_experiment", "run_lambda_sweep"),
+    "runs": ("run_experiment",),
+    "grid": ("run_all", "run_lambda_sweep"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

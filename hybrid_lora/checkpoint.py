@@ -14,14 +14,22 @@ Position (stage, epoch, step): the next batch to run is batch `step` (0-based) o
 older folders are deleted only after, so `latest.json` always names a whole checkpoint.
 Loading checks the manifest; a damaged checkpoint (truncated or flipped file, unreadable
 `latest.json`, folder gone) falls back to the previous one with a `CheckpointWarning`.
+
+`<run>/.lock` (host, pid, start) exists while a process trains the run (`run_lock`): a second
+process gets `RunLocked` instead of writing into the same folder.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
 import re
 import shutil
+import socket
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +46,58 @@ _NAME = re.compile(r"s(\d+)-e(\d+)-b(\d+)")
 
 class CheckpointWarning(UserWarning):
     """A damaged checkpoint was skipped in favour of an earlier one."""
+
+
+class RunLocked(OSError):
+    """Another process holds the run folder's lock."""
+
+
+LOCK = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run: Path):
+    """Hold `<run>/.lock` while the block runs. RunLocked names the holder when another
+    process has it; a lock left on this host by a process that no longer exists (a killed job)
+    is taken over. Created with O_EXCL, so two processes never both get it."""
+    run.mkdir(parents=True, exist_ok=True)
+    path, host = run / LOCK, socket.gethostname()
+    me = {"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):  # being written, or removed just now: look again
+                time.sleep(0.2)
+                continue
+            if holder.get("host") == host and not _alive(int(holder.get("pid", -1))):
+                path.unlink(missing_ok=True)  # its process is gone: a stale lock
+                continue
+            raise RunLocked(f"{run} is being run by process {holder.get('pid')} on {holder.get('host')} "
+                            f"(since {holder.get('since')}); two processes never write one run. If no "
+                            f"process runs it any more (e.g. a job killed on another machine), delete "
+                            f"{path} and start again.") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise RunLocked(f"{path}: could not take the lock (it keeps changing); is another process starting this run?")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def replace_dir(tmp: Path, path: Path) -> None:

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--suffix", default="", help="run folders <method><SUFFIX>, e.g. --suffix _delta_w "
                                                    "with --set dc_variant=delta_w beside the default runs")
     run.add_argument("--out", required=True, help="results folder")
+    run.add_argument("--shard", metavar="I/N",
+                     help="run only shard I (from 0) of N of the grid of runs (methods x seeds, then "
+                          "lambda sweeps), e.g. one per GPU or machine on a shared --out; default: "
+                          "the SLURM job-array task when SLURM_ARRAY_TASK_ID is set, else all")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     plot = sub.add_parser("plot", parents=[common], help="redraw every figure of a results folder (no training, no GPU)")
     plot.add_argument("--results", required=True, help="a folder written by `run`")
@@ -220,14 +224,18 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         for path in plot_all(args.results, args.images, only=tuple(args.only)):
             print(path)
         return 0
+    from .grid import parse_shard, shard_from_env
+
     try:
         cfg = config_from_args(args)
         lambdas = parse_lambdas(args.lambdas)
+        shard = parse_shard(args.shard) if args.shard else shard_from_env()
     except ValueError as err:
         parser.error(str(err))
-    from .runs import run_all  # heavy imports only once the arguments are good
+    from .grid import run_all  # heavy imports only once the arguments are good
 
-    rows = run_all(cfg, args.out, progress=not args.no_progress, lambdas=lambdas, suffix=args.suffix)
+    rows = run_all(cfg, args.out, progress=not args.no_progress, lambdas=lambdas, suffix=args.suffix,
+                   shard=shard)
     print(format_table(rows))
     print(f"results: {args.out}/<method>/seed<k>/ ; summary: {args.out}/summary.csv")
     return 0

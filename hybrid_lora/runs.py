@@ -1,4 +1,4 @@
-"""Runs: a method x seed over a sequence of stages, resumable; methods x seeds; lambda sweeps.
+"""Runs: one method x seed over a sequence of stages, resumable (grids of runs: `grid.py`).
 
     run_experiment: build -> evaluate the base on every domain (R row 0)
                     -> for each stage t: set up the method's references to the adapters of
@@ -16,27 +16,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import base_fingerprint, build_model, load_adapter, load_tokenizer, lora_factors
 from .checkpoint import (CHECKPOINTS, checkpoint_position, clear_checkpoints, copy_dir, load_checkpoint,
-                         save_adapter, save_checkpoint)
-from .cl_results import sweep_name
+                         run_lock, save_adapter, save_checkpoint)
 from .config import RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
 from .continual import adapter_dir, stage_model, stage_reference
 from .data import fingerprint, make_loaders, stage_train_set, train_loader
 from .evaluate import choose_amp_dtype, evaluate_loss_and_token_acc
 from .families import canonical_targets
-from .methods import LAMBDA_FIELDS, Method, check_lambdas, get_method
+from .methods import Method, get_method
 from .ranks import sweep_run
 from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, run_dir, run_metrics,
-                      summary_row, two_domain_evals, write_json_atomic, write_summary)
+                      two_domain_evals, write_json_atomic)
 from .sweep_results import sweep_aucs, sweep_reference
 from .train import NonFiniteLoss, resolve_device, set_seed, train_stage
 
@@ -146,8 +142,15 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     (`check_same_run`, `check_fingerprints`); `NonFiniteLoss` on a loss or evaluation that is
     not finite (the run is then not marked complete).
     """
-    m = get_method(method)
     rd = run_dir(out_dir, name or method, seed)
+    if (rd / "metrics.json").exists():  # complete: only read
+        return _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd)
+    with run_lock(rd):  # RunLocked when another process (a shard, a second call) runs it
+        return _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd)
+
+
+def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) -> dict:
+    m = get_method(method)
     n_stages = len(cfg.domains)
     config = {**cfg.to_dict(), "method": method, "seed": seed, "schema_version": SCHEMA_VERSION}
     complete = (rd / "metrics.json").exists()
@@ -284,59 +287,3 @@ def _with_factors(model, source):
         for (_, a, b, _), (_, a0, b0, _) in zip(lora_factors(model), lora_factors(source)):
             a.copy_(a0), b.copy_(b0)
     return model
-
-
-def run_all(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
-            lambdas: dict[str, tuple[float, ...]] | None = None, suffix: str = "") -> list[dict]:
-    """Every method in `cfg.methods` x seed in `cfg.seeds` (complete runs skipped, interrupted
-    ones resumed), then the lambda sweeps `lambdas` ({method: (lambda, ...)}, see
-    `run_lambda_sweep`); rebuilds summary.csv; returns its rows for these runs. A `suffix`
-    names the run folders `<method><suffix>` (e.g. "_delta_w" for another dc_variant)."""
-    preflight(cfg, out_dir, lambdas or {})
-    names = []
-    for method in cfg.methods:
-        for seed in cfg.seeds:
-            done = (run_dir(out_dir, method + suffix, seed) / "metrics.json").exists()
-            if done and progress:
-                tqdm.write(f"{method + suffix} seed {seed}: complete in {out_dir}, skipped")
-            run_experiment(cfg, method, seed, out_dir, progress=progress, name=method + suffix)
-        names.append(method + suffix)
-    for method, values in (lambdas or {}).items():
-        names += run_lambda_sweep(cfg, out_dir, method, values, progress, suffix)
-    write_summary(out_dir)
-    return [summary_row(run_dir(out_dir, name, s)) for name in names for s in cfg.seeds]
-
-
-def run_lambda_sweep(cfg: ExperimentConfig, out_dir: str | Path, method: str, values,
-                     progress: bool = True, suffix: str = "") -> list[str]:
-    """`method` at each lambda of its regularizer (lambda_dc, lambda_l2, lambda_ewc or
-    lambda_olora) x every seed, in `<out>/<method><suffix>_lam<value>/`; a value equal to cfg's
-    own is the plain `<out>/<method><suffix>/` run. Returns the run names. Stage 1 is shared."""
-    check_lambdas({method: values})
-    field, names = LAMBDA_FIELDS[get_method(method).regularizer()], []
-    for lam in values:
-        name = method + suffix if lam == getattr(cfg, field) else sweep_name(method + suffix, lam)
-        for seed in cfg.seeds:
-            run_experiment(dataclasses.replace(cfg, **{field: float(lam)}), method, seed, out_dir,
-                           progress=progress, name=name)
-        names.append(name)
-    return names
-
-
-def preflight(cfg: ExperimentConfig, out_dir: str | Path, lambdas: dict) -> None:
-    """The checks of a call to `run_all` that no single run makes before it trains: the lambda
-    sweeps (they run after every method) and a writable `out_dir`; warns when a batch is larger
-    than the training set (one step per epoch). The model and the data are checked by the first
-    run as it loads them, before its first step."""
-    check_lambdas(lambdas)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise PermissionError(f"cannot write results to {out} ({err.strerror}); choose a folder "
-                              "you can write to with --out") from None
-    if cfg.batch_size > cfg.n_train:
-        warnings.warn(f"batch_size={cfg.batch_size} > n_train={cfg.n_train}: every epoch is one "
-                      "step of one short batch", stacklevel=2)

@@ -15,7 +15,8 @@ import hybrid_lora.train as train_mod
 from hybrid_lora.checkpoint import CheckpointWarning, load_checkpoint
 from hybrid_lora.config import ExperimentConfig
 from hybrid_lora.results import read_json, run_dir, write_json_atomic
-from hybrid_lora.runs import preflight, run_experiment
+from hybrid_lora.grid import preflight
+from hybrid_lora.runs import run_experiment
 from hybrid_lora.train import NonFiniteLoss
 
 from conftest import tiny_config
@@ -331,6 +332,7 @@ def test_public_names_still_import_from_the_package():
 
     for name in hl.__all__:
         assert getattr(hl, name) is not None
-    assert hl.run_all is runs_mod.run_all and hl.ExperimentConfig is ExperimentConfig
+    import hybrid_lora.grid as grid_mod
+    assert hl.run_all is grid_mod.run_all and hl.ExperimentConfig is ExperimentConfig
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         hl.nope

@@ -17,7 +17,8 @@ from hybrid_lora.continual import fisher_diagonal
 from hybrid_lora.data import hub_source, load_texts, make_loaders, stage_train_set
 from hybrid_lora.evaluate import evaluate_loss_and_token_acc
 from hybrid_lora.results import SEQUENCES_FILE, load_summary, read_json, run_dir
-from hybrid_lora.runs import run_experiment, run_lambda_sweep
+from hybrid_lora.grid import run_lambda_sweep
+from hybrid_lora.runs import run_experiment
 
 from conftest import tiny_config
 
@@ -297,7 +298,7 @@ def test_lambda_sweep_runs_are_named_and_share_stage1(tmp_path):
     with pytest.raises(ValueError, match="'lora' has no lambda"):
         run_lambda_sweep(cfg, tmp_path, "lora", (1.0,))
     # another DC variant beside the default runs: its own folders, and a `variant` column
-    from hybrid_lora.runs import run_all
+    from hybrid_lora.grid import run_all
 
     variant = dataclasses.replace(cfg, methods=("dc",), dc_variant="delta_w")
     rows = run_all(variant, tmp_path, progress=False, lambdas={"dc": (2.0,)}, suffix="_delta_w")

@@ -1,0 +1,130 @@
+"""Grids of runs: methods x seeds and lambda sweeps, run in one call or split into shards
+(`--shard I/N`, or a SLURM job array) that other processes or machines run on one results
+folder; one lock file per run folder keeps two processes out of one run.
+
+    runs = grid(cfg, lambdas)              # every (name, method, seed, config) of the call
+    mine = take_shard(runs, 0, 4)          # shard 0 of 4: a contiguous block, seed-major
+    run_all(cfg, out, shard=(0, 4))        # run it; summary.csv holds every finished run
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .cl_results import sweep_name
+from .config import ExperimentConfig
+from .methods import LAMBDA_FIELDS, check_lambdas, get_method
+from .results import run_dir, summary_row, write_summary
+
+_SHARD = re.compile(r"(\d+)/(\d+)")
+
+
+def grid(cfg: ExperimentConfig, lambdas: dict | None = None, suffix: str = "") -> list[tuple]:
+    """Every run of a `run_all` call as (name, method, seed, config), seed-major: all runs of a
+    seed are neighbours, so a shard mostly holds whole seeds and shares their Stage 1. The
+    lambda sweeps (`{method: (lambda, ...)}`) give runs `<method><suffix>_lam<value>`; a value
+    equal to cfg's own is the plain `<method><suffix>` run, listed once."""
+    check_lambdas(lambdas or {})
+    per_seed = [(method + suffix, method, cfg) for method in cfg.methods]
+    for method, values in (lambdas or {}).items():
+        field = LAMBDA_FIELDS[get_method(method).regularizer()]
+        for lam in values:
+            name = method + suffix if lam == getattr(cfg, field) else sweep_name(method + suffix, lam)
+            if all(name != n for n, *_ in per_seed):
+                per_seed.append((name, method, dataclasses.replace(cfg, **{field: float(lam)})))
+    return [(name, method, seed, c) for seed in cfg.seeds for name, method, c in per_seed]
+
+
+def take_shard(runs: list, index: int, count: int) -> list:
+    """Shard `index` (0-based) of `count`: a contiguous block of `runs`, the blocks as equal as
+    can be. Deterministic: every process computes the same split."""
+    if not (isinstance(count, int) and count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard {index}/{count}: need 0 <= I < N (I counts from 0)")
+    lo, hi = index * len(runs) // count, (index + 1) * len(runs) // count
+    return runs[lo:hi]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N); ValueError naming the text."""
+    match = _SHARD.fullmatch(text.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise ValueError(f"--shard {text}: write I/N with 0 <= I < N, e.g. --shard 0/4")
+    return int(match[1]), int(match[2])
+
+
+def shard_from_env(env=os.environ) -> tuple[int, int] | None:
+    """(index, count) of a SLURM job array task, or None outside one. The array must be
+    contiguous (--array=0-7 or 1-8): index = SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN."""
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+        return None
+    task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+    lo, hi = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_MAX", count - 1))
+    if hi - lo + 1 != count:
+        raise ValueError(f"SLURM job array {lo}-{hi} holds {count} tasks: give a contiguous "
+                         "array (e.g. --array=0-7, no step or list) or --shard I/N")
+    return task - lo, count
+
+
+def preflight(cfg: ExperimentConfig, out_dir: str | Path, lambdas: dict) -> None:
+    """The checks of a call to `run_all` that no single run makes before it trains: the lambda
+    sweeps (they run after every method) and a writable `out_dir`; warns when a batch is larger
+    than the training set (one step per epoch). The model and the data are checked by the first
+    run as it loads them, before its first step."""
+    check_lambdas(lambdas)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise PermissionError(f"cannot write results to {out} ({err.strerror}); choose a folder "
+                              "you can write to with --out") from None
+    if cfg.batch_size > cfg.n_train:
+        warnings.warn(f"batch_size={cfg.batch_size} > n_train={cfg.n_train}: every epoch is one "
+                      "step of one short batch", stacklevel=2)
+
+
+def run_all(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
+            lambdas: dict[str, tuple[float, ...]] | None = None, suffix: str = "",
+            shard: tuple[int, int] | None = None) -> list[dict]:
+    """Every method in `cfg.methods` x seed in `cfg.seeds`, then the lambda sweeps `lambdas`
+    ({method: (lambda, ...)}, see `run_lambda_sweep`): complete runs skipped, interrupted ones
+    resumed. `shard=(I, N)` runs only `take_shard(grid(...), I, N)`. Rebuilds summary.csv from
+    every finished run in `out_dir` (those of other shards too); returns the rows of this call's
+    runs. A `suffix` names the run folders `<method><suffix>` (e.g. "_delta_w")."""
+    from .runs import run_experiment  # torch and transformers: only once a run starts
+
+    preflight(cfg, out_dir, lambdas or {})
+    runs = grid(cfg, lambdas, suffix)
+    if shard is not None:
+        runs = take_shard(runs, *shard)
+        if progress:
+            tqdm.write(f"shard {shard[0]}/{shard[1]}: {len(runs)} of the grid's runs")
+    for name, method, seed, run_cfg in runs:
+        if (run_dir(out_dir, name, seed) / "metrics.json").exists() and progress:
+            tqdm.write(f"{name} seed {seed}: complete in {out_dir}, skipped")
+        run_experiment(run_cfg, method, seed, out_dir, progress=progress, name=name)
+    write_summary(out_dir)
+    return [summary_row(run_dir(out_dir, name, seed)) for name, _, seed, _ in runs]
+
+
+def run_lambda_sweep(cfg: ExperimentConfig, out_dir: str | Path, method: str, values,
+                     progress: bool = True, suffix: str = "") -> list[str]:
+    """`method` at each lambda of its regularizer (lambda_dc, lambda_l2, lambda_ewc or
+    lambda_olora) x every seed, in `<out>/<method><suffix>_lam<value>/`; a value equal to cfg's
+    own is the plain `<out>/<method><suffix>/` run. Returns the run names. Stage 1 is shared."""
+    from .runs import run_experiment
+
+    runs = grid(dataclasses.replace(cfg, methods=()), {method: values}, suffix)
+    names = list(dict.fromkeys(name for name, *_ in runs))
+    for name in names:  # lambda-major: the first value's runs train the Stage 1 the others copy
+        for run_name, m, seed, run_cfg in runs:
+            if run_name == name:
+                run_experiment(run_cfg, m, seed, out_dir, progress=progress, name=name)
+    return names
