@@ -37,6 +37,7 @@ import torch
 
 from .adapters import load_adapter
 from .config import ExperimentConfig
+from .distributed import broadcast, is_main
 from .results import read_json, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
@@ -69,7 +70,25 @@ def _alive(pid: int) -> bool:
 def run_lock(run: Path):
     """Hold `<run>/.lock` while the block runs. RunLocked names the holder when another
     process has it; a lock left on this host by a process that no longer exists (a killed job)
-    is taken over. Created with O_EXCL, so two processes never both get it."""
+    is taken over. Created with O_EXCL, so two processes never both get it. Under several
+    processes of one run (accelerate), process 0 takes it and all of them learn the outcome."""
+    error = None
+    if is_main():
+        try:
+            _acquire(run)
+        except RunLocked as err:
+            error = str(err)
+    error = broadcast(error)
+    if error:
+        raise RunLocked(error)
+    try:
+        yield
+    finally:
+        if is_main():
+            (run / LOCK).unlink(missing_ok=True)
+
+
+def _acquire(run: Path) -> None:
     run.mkdir(parents=True, exist_ok=True)
     path, host = run / LOCK, socket.gethostname()
     me = {"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -91,13 +110,9 @@ def run_lock(run: Path):
                             f"{path} and start again.") from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
-        break
-    else:
-        raise RunLocked(f"{path}: could not take the lock (it keeps changing); is another process starting this run?")
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
+        return
+    raise RunLocked(f"{path}: could not take the lock (it keeps changing); is another process "
+                    "starting this run?")
 
 
 def replace_dir(tmp: Path, path: Path) -> None:
@@ -113,6 +128,8 @@ def replace_dir(tmp: Path, path: Path) -> None:
 def save_adapter(model, path: str | Path) -> Path:
     """`model.save_pretrained(path)` through a temporary folder: never a half-written adapter."""
     path = Path(path)
+    if not is_main():  # several processes: process 0 writes
+        return path
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
@@ -123,6 +140,8 @@ def save_adapter(model, path: str | Path) -> Path:
 def copy_dir(src: str | Path, path: str | Path) -> Path:
     """Copy the folder `src` to `path` through a temporary folder (atomic like `save_adapter`)."""
     path = Path(path)
+    if not is_main():
+        return path
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
@@ -161,6 +180,8 @@ def save_checkpoint(run: str | Path, model, position: tuple[int, int, int], stat
     root = Path(run) / CHECKPOINTS
     stage, epoch, step = position
     name = f"s{stage}-e{epoch}-b{step}"
+    if not is_main():  # several processes: process 0 writes (the state is the same on all)
+        return root / name
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -276,4 +297,5 @@ def load_checkpoint(run: str | Path, cfg: ExperimentConfig, device: torch.device
 
 def clear_checkpoints(run: str | Path) -> None:
     """Delete a run's checkpoints (after it has completed)."""
-    shutil.rmtree(Path(run) / CHECKPOINTS, ignore_errors=True)
+    if is_main():
+        shutil.rmtree(Path(run) / CHECKPOINTS, ignore_errors=True)

@@ -234,10 +234,13 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(str(err))
     from .grid import run_all  # heavy imports only once the arguments are good
 
-    rows = run_all(cfg, args.out, progress=not args.no_progress, lambdas=lambdas, suffix=args.suffix,
-                   shard=shard)
-    print(format_table(rows))
-    print(f"results: {args.out}/<method>/seed<k>/ ; summary: {args.out}/summary.csv")
+    from .distributed import is_main
+
+    rows = run_all(cfg, args.out, progress=not args.no_progress and is_main(), lambdas=lambdas,
+                   suffix=args.suffix, shard=shard)
+    if is_main():  # under accelerate / torchrun: one report, not one per process
+        print(format_table(rows))
+        print(f"results: {args.out}/<method>/seed<k>/ ; summary: {args.out}/summary.csv")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .data import IGNORE_INDEX
+from .distributed import gather_objects, shard, world
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -85,27 +86,28 @@ def _evaluate(model, loader, amp_dtype, per_sequence: bool) -> dict:
     was_training = model.training
     model.eval()
     device = model_device(model)
-    ce = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = torch.zeros((), dtype=torch.long, device=device)
-    hits = torch.zeros((), dtype=torch.long, device=device)
-    seq = []
-    for input_ids, attention_mask, labels in loader:
-        input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
-                                             for t in (input_ids, attention_mask, labels))
-        with autocast(device, amp_dtype):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        c, n, h = sequence_sums(logits, labels)  # [B] each
-        ce += c.sum()  # accumulate on device: no host sync per batch
-        tokens += n.sum()
-        hits += h.sum()
-        if per_sequence:
-            seq.append((c, n, h))
+    parts = []  # per batch: (nll [b], tokens [b], hits [b]) of this process's rows, on device
+    for batch in loader:
+        input_ids, attention_mask, labels = (shard(t).to(device, non_blocking=True) for t in batch)
+        if len(input_ids):  # several processes: a short last batch may leave one none
+            with autocast(device, amp_dtype):
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            parts.append(sequence_sums(logits, labels))  # no host sync per batch
+        else:
+            parts.append(tuple(torch.zeros(0, dtype=d, device=device)
+                               for d in (torch.float64, torch.long, torch.long)))
     model.train(was_training)
-    n_tok = int(tokens.item())
+    if not parts:
+        raise ValueError("evaluation loader has no labelled tokens")
+    nll, n, h = (torch.cat(x) for x in zip(*parts))  # [N] each, loader order
+    if world()[1] > 1:  # every process's rows, batch by batch in rank order: loader order
+        per_rank = gather_objects([tuple(t.cpu() for t in p) for p in parts])
+        nll, n, h = (torch.cat([per_rank[r][i][j] for i in range(len(parts)) for r in range(len(per_rank))])
+                     for j in range(3))
+    n_tok = int(n.sum().item())
     if n_tok == 0:
         raise ValueError("evaluation loader has no labelled tokens")
-    out = {"loss": ce.item() / n_tok, "acc": hits.item() / n_tok, "tokens": n_tok}
+    out = {"loss": nll.sum().item() / n_tok, "acc": h.sum().item() / n_tok, "tokens": n_tok}
     if per_sequence:
-        nll, n, h = (torch.cat(parts).tolist() for parts in zip(*seq))
-        out["seq"] = {"nll": nll, "tokens": n, "hits": h}
+        out["seq"] = {"nll": nll.tolist(), "tokens": n.tolist(), "hits": h.tolist()}
     return out

@@ -30,6 +30,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .distributed import is_main
+
 SCHEMA_VERSION = 4
 # 4: `gain_retained` is always the two-domain number (schema 3 overwrote it with the per-domain
 #    list, now `gain_retained_per_domain`); rank AUCs are shares of the gain over the base
@@ -71,8 +73,11 @@ def _file_mode() -> int:
 
 def write_text_atomic(path: str | Path, write) -> Path:
     """Call `write(file)` on a temporary file beside `path`, then rename it to `path`:
-    an interruption never leaves a half-written file."""
+    an interruption never leaves a half-written file. Under several processes (accelerate)
+    only process 0 writes; the others return at once."""
     path = Path(path)
+    if not is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -28,6 +28,7 @@ from .config import RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
 from .continual import adapter_dir, stage_model, stage_reference
 from .data import fingerprint, make_loaders, stage_train_set, train_loader
 from .evaluate import choose_amp_dtype, evaluate_loss_and_token_acc
+from .distributed import barrier, process_seed, setup, world
 from .families import canonical_targets
 from .methods import Method, get_method
 from .ranks import sweep_run
@@ -173,8 +174,8 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
         check_fingerprints(rd, saved, prints)
     if complete:
         return finished()
-    set_seed(seed)
-    device = resolve_device(cfg.device)
+    set_seed(seed)  # the same on every process: the LoRA init must agree
+    device = setup(resolve_device(cfg.device))  # joins the process group under accelerate / torchrun
     amp_dtype = choose_amp_dtype(cfg.mixed_precision, device)  # decided once for the run
     key = stage1_key(cfg, m, seed, prints["data"])
     position, history, evals, val_evals, state = (1, 1, 0), [], [], [], None
@@ -190,6 +191,7 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
         copy_dir(donor / "adapter_stage1", rd / "adapter_stage1")
         write_json_atomic(rd / STAGE1_FILE, {**shared, "copied_from": str(donor.relative_to(out_dir))},
                           indent=None)
+        barrier()  # process 0 copied it
         model = load_adapter(cfg, rd / "adapter_stage1", device, trainable=True)
         position, history, evals = (2, 1, 0), shared["history"], shared["evals"]
         val_evals = shared.get("val_evals", [])
@@ -243,6 +245,8 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
                     model = stage_model(cfg, m, rd, stage, device, stage_seed(seed, stage, 1))
             elif m.adapter == "add":  # the checkpoint holds only the new adapter
                 model = _with_factors(stage_model(cfg, m, rd, stage, device, stage_seed(seed, stage, 1)), model)
+        if resume is None and world()[0] > 0:  # each further process its own dropout stream
+            set_seed(process_seed(seed if stage == 1 else stage_seed(seed, stage)))
         reference = stage_reference(cfg, m, rd, stage, train_sets, device)
         data, length = stage_train_set(cfg, train_sets, stage, m.data)
         model, rows = train_stage(model, cfg, m, stage, train_loader(cfg, data, seed, length),
@@ -256,17 +260,20 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
             rows[-1].update(eval_loss=evals[-1][stage - 1]["loss"], eval_acc=evals[-1][stage - 1]["acc"])
         history[:] = [h for h in history if h["stage"] < stage] + rows
         save_adapter(model, adapter_dir(rd, stage, n_stages))
+        barrier()  # the next stage's references and the sweep load it from disk
         if stage == 1:
             write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals,
                                                  "val_evals": val_evals}, indent=None)
         if stage < n_stages:
             checkpoint(model, (stage + 1, 1, 0), {}, [])
             if stop_after_stage == stage:
+                barrier()
                 return result(False)
     val = {x: matrix(val_evals, x) for x in ("loss", "acc")} if cfg.n_val else None
     metrics = run_metrics(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"), val)
     write_json_atomic(rd / SEQUENCES_FILE, {"domains": list(cfg.domains),  # the sweep reads it
                                             "R": [[e["seq"] for e in row] for row in evals]}, indent=None)
+    barrier()
     if cfg.sweep_ranks and cfg.sweep_kinds and n_stages == 2 and m.adapter == "continue":
         kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
         del model  # the sweep loads both adapters back from disk
@@ -278,6 +285,7 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
     write_json_atomic(rd / "metrics.json", metrics)  # written last: marks the run complete
     if not cfg.keep_checkpoints:
         clear_checkpoints(rd)
+    barrier()  # every process returns once the files are there
     return result(True) | {"metrics": metrics}
 
 

@@ -13,11 +13,12 @@ from tqdm.auto import tqdm
 
 from .adapters import (count_trainable_params, current_rank, flatten_factors, lora_factors,
                        rebuild_model_for_new_rank)
-from .checkpoint import set_rng_state
+from .checkpoint import rng_state, set_rng_state
 from .config import ExperimentConfig
 from .continual import StageReference, regularizer_terms
 from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, model_device
 from .data import IGNORE_INDEX
+from .distributed import all_reduce, all_reduce_grads, broadcast, gather_objects, shard, world
 from .families import enable_gradient_checkpointing
 from .losses import causal_lm_sums, ordering_penalty
 from .methods import Method
@@ -49,7 +50,7 @@ class FiniteGuard:
         self.batch = torch.where(bad, batch, self.batch)
 
     def check(self) -> None:
-        batch = int(self.batch.item())
+        batch = int(all_reduce(self.batch, "max").item())  # any process's failure stops them all
         if batch >= 0:
             terms = ", ".join(f"{n}={v:.6g}" for n, v in zip(self.names, self.values.tolist()))
             raise NonFiniteLoss(
@@ -142,6 +143,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
     rebuild_scaling = {"preserve": "preserve", "dylora": "peft"}[method.cut_scaling(cfg)]
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    proc, n_proc = world()
+    progress = progress and proc == 0
     start_epoch, start_step, rows, saved_sums = 1, 0, [], None
     if resume is not None:
         start_epoch, start_step, rows = resume["epoch"], resume["step"], list(resume["rows"])
@@ -151,15 +154,21 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         saved_sums = state.get("sums")
+        if saved_sums is not None and proc > 0:  # the saved CE sums are all processes' together
+            saved_sums = {**saved_sums, "ce": torch.zeros_like(saved_sums["ce"]),
+                          "tokens": torch.zeros_like(saved_sums["tokens"])}
         # Restored last: nothing above draws random numbers on the uninterrupted path either.
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng_per_process"][proc] if "rng_per_process" in state else state["rng"])
 
-    def save(model, position, sums=None) -> None:
+    def save(model, position, sums=None) -> None:  # called on every process; process 0 writes
         state = {"optimizer": optimizer.state_dict()}
         if scaler.is_enabled():
             state["scaler"] = scaler.state_dict()
         if sums is not None:
+            sums = {**sums, "ce": all_reduce(sums["ce"]), "tokens": all_reduce(sums["tokens"])}
             state["sums"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in sums.items()}
+        if n_proc > 1:  # each process's dropout stream, to resume each exactly
+            state["rng_per_process"] = gather_objects(rng_state())
         checkpoint(model, position, state, rows)
 
     epochs = tqdm(ranks, desc=f"stage {stage} ({method.name})", unit="epoch", disable=not progress,
@@ -170,6 +179,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
         if rank != current_rank(model):
             model = rebuild_model_for_new_rank(model, rank, cfg, scaling=rebuild_scaling)
             optimizer = make_optimizer(model, cfg)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         # Done once per (re)build, not per step: the live factor list and the frozen
@@ -191,14 +201,15 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
                            disable=not progress, initial=skip, total=n_batches)
             for batch in batches:
-                if nest is not None:  # DyLoRA: this step trains rank b only
-                    nest.begin(nest.sample())
-                # Every micro-batch's CE is divided by the tokens of the whole batch, so the
-                # accumulated gradient is the one of the whole batch (token-weighted mean).
+                if nest is not None:  # DyLoRA: this step trains rank b only (process 0's draw)
+                    nest.begin(broadcast(nest.sample()))
+                # Every micro-batch's CE is divided by the tokens of the whole batch (of all
+                # processes), so the summed gradient is the one of the whole batch.
                 n_step = (batch[2][:, 1:] != IGNORE_INDEX).sum().to(device)
                 optimizer.zero_grad(set_to_none=True)
-                micro = list(zip(*(t.chunk(cfg.gradient_accumulation_steps) for t in batch)))
-                ce_step = torch.zeros((), device=device)
+                mine = [shard(t) for t in batch]  # this process's rows of the global batch
+                micro = list(zip(*(t.chunk(cfg.gradient_accumulation_steps) for t in mine))) if len(mine[0]) else []
+                ce_step, loss = torch.zeros((), device=device), None
                 for i, (input_ids, attention_mask, labels) in enumerate(micro):
                     input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
                                                          for t in (input_ids, attention_mask, labels))
@@ -211,18 +222,21 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                     sums["tokens"] += n_b
                     if i < len(micro) - 1:
                         scaler.scale(loss).backward()
-                # The regularizers join the last micro-batch's loss: once per optimizer step.
+                # The regularizers join the last micro-batch's loss: once per optimizer step,
+                # with weight 1/world on each process (their gradients are summed).
                 parts = {"ce": ce_step}
                 if lam_order:
                     parts["order"] = lam_order * ordering_penalty(factors)
-                    loss = loss + parts["order"]
                     sums["order"] += parts["order"].detach()
                 for name, term in terms.items():  # "dc", "penalty"
                     parts[name] = term()
-                    loss = loss + parts[name]
                     sums[name] += parts[name].detach()
+                for name in list(parts)[1:]:
+                    loss = parts[name] / n_proc if loss is None else loss + parts[name] / n_proc
                 guard.record(step, sum(parts.values()), parts)
-                scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
+                if loss is not None:
+                    scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
+                all_reduce_grads(params)
                 scaler.step(optimizer)
                 scaler.update()
                 if nest is not None:
@@ -249,6 +263,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                 cos = torch.nn.functional.cosine_similarity(
                     w_prev, flatten_factors(factors), dim=0).item()
         steps = max(sums["steps"], 1)
+        sums["ce"], sums["tokens"] = all_reduce(sums["ce"]), all_reduce(sums["tokens"])  # all processes' rows
         dc_end, dc_grad = _probe(terms["dc"], factors) if "dc" in terms else (None, None)
         pen_end, pen_grad = _probe(terms["penalty"], factors) if "penalty" in terms else (None, None)
         rows.append({
