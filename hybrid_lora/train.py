@@ -111,6 +111,31 @@ def _probe(term, factors) -> tuple[float, float]:
     return value.item(), torch.sqrt(sum(g.double().square().sum() for g in grads if g is not None)).item()
 
 
+def _cross_entropy(model, batch, cfg: ExperimentConfig, device, amp_dtype, scaler, sums: dict):
+    """This process's rows of a global batch in `cfg.gradient_accumulation_steps` micro-batches.
+    Each micro-batch's CE sum is divided by the labelled tokens of the whole global batch (all
+    processes), so the summed gradients are the whole batch's token-weighted mean. Backward runs
+    for all but the last micro-batch; returns (the step's CE so far, detached; the last
+    micro-batch's loss, or None when this process has no rows). Adds to `sums` "ce", "tokens"."""
+    n_step = (batch[2][:, 1:] != IGNORE_INDEX).sum().to(device)
+    mine = [shard(t) for t in batch]  # [rows of this process, T] each
+    micro = list(zip(*(t.chunk(cfg.gradient_accumulation_steps) for t in mine))) if len(mine[0]) else []
+    ce_step, loss = torch.zeros((), device=device), None
+    for i, (input_ids, attention_mask, labels) in enumerate(micro):
+        input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
+                                             for t in (input_ids, attention_mask, labels))
+        with autocast(device, amp_dtype):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        ce_b, n_b, _ = causal_lm_sums(logits, labels, with_hits=False)  # fp32 loss
+        loss = ce_b / n_step.clamp(min=1)
+        ce_step = ce_step + loss.detach()
+        sums["ce"] += ce_b.detach().double()
+        sums["tokens"] += n_b
+        if i < len(micro) - 1:
+            scaler.scale(loss).backward()
+    return ce_step, loss
+
+
 def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_loader, eval_loader,
                 ranks: tuple[int, ...], reference: StageReference | None = None,
                 amp_dtype: torch.dtype | None = None,
@@ -203,25 +228,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             for batch in batches:
                 if nest is not None:  # DyLoRA: this step trains rank b only (process 0's draw)
                     nest.begin(broadcast(nest.sample()))
-                # Every micro-batch's CE is divided by the tokens of the whole batch (of all
-                # processes), so the summed gradient is the one of the whole batch.
-                n_step = (batch[2][:, 1:] != IGNORE_INDEX).sum().to(device)
                 optimizer.zero_grad(set_to_none=True)
-                mine = [shard(t) for t in batch]  # this process's rows of the global batch
-                micro = list(zip(*(t.chunk(cfg.gradient_accumulation_steps) for t in mine))) if len(mine[0]) else []
-                ce_step, loss = torch.zeros((), device=device), None
-                for i, (input_ids, attention_mask, labels) in enumerate(micro):
-                    input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
-                                                         for t in (input_ids, attention_mask, labels))
-                    with autocast(device, amp_dtype):
-                        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-                    ce_b, n_b, _ = causal_lm_sums(logits, labels, with_hits=False)  # fp32 loss
-                    loss = ce_b / n_step.clamp(min=1)
-                    ce_step = ce_step + loss.detach()
-                    sums["ce"] += ce_b.detach().double()
-                    sums["tokens"] += n_b
-                    if i < len(micro) - 1:
-                        scaler.scale(loss).backward()
+                ce_step, loss = _cross_entropy(model, batch, cfg, device, amp_dtype, scaler, sums)
                 # The regularizers join the last micro-batch's loss: once per optimizer step,
                 # with weight 1/world on each process (their gradients are summed).
                 parts = {"ce": ce_step}
