@@ -123,7 +123,7 @@ def rank_change(cfg) -> tuple[float, float, bool]:
     """(seconds of rebuild_model_for_new_rank r -> r/2, of a fresh base + LoRA at r/2, equal logits)."""
     from peft import get_peft_model
 
-    from hybrid_lora.adapters import lora_config
+    from hybrid_lora.adapters import _quiet_peft, lora_config
 
     model, tok = build_model(cfg)
     with torch.no_grad():
@@ -133,10 +133,11 @@ def rank_change(cfg) -> tuple[float, float, bool]:
     ids = torch.randint(1, len(tok), (2, 32), generator=torch.Generator().manual_seed(0))
     t = time.perf_counter()
     base = build_base_model(cfg, vocab_size=len(tok))
-    try:
-        fresh = get_peft_model(base, lora_config(cfg, base, r=k, lora_alpha=cfg.lora_alpha * k / cfg.r))
-    except TypeError:  # before issue 12: lora_config(cfg, r, lora_alpha)
-        fresh = get_peft_model(base, lora_config(cfg, r=k, lora_alpha=cfg.lora_alpha * k / cfg.r))
+    with _quiet_peft():
+        try:
+            fresh = get_peft_model(base, lora_config(cfg, base, r=k, lora_alpha=cfg.lora_alpha * k / cfg.r))
+        except TypeError:  # before issue 12: lora_config(cfg, r, lora_alpha)
+            fresh = get_peft_model(base, lora_config(cfg, r=k, lora_alpha=cfg.lora_alpha * k / cfg.r))
     with torch.no_grad():
         for (_, a, b, _), (_, a2, b2, _) in zip(lora_factors(model), lora_factors(fresh)):
             a2.copy_(a[:k]), b2.copy_(b[:, :k])
