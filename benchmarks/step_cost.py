@@ -6,9 +6,10 @@ Times, on the same batch and model: a CE-only step; CE + ordering + DC as `train
 (LoRA factors collected and the Stage-1 vector flattened once); the same terms with the
 factors re-collected from the model and the Stage-1 vector re-flattened every step; a
 CE step with DyLoRA's sampled rank (mask hook, snapshot and restore of the weights outside the
-update set); CE plus each continual-learning term as `continual.regularizer_terms` sets it
-up (DC per module / on delta W, L2 on delta W, EWC, O-LoRA); and a CE step with the non-finite
-loss guard of `train_stage` (record every step, check every step as on CPU).
+update set); a CE step with Matryoshka weighting (the same mask hook holding fixed weights);
+CE plus each continual-learning term as `continual.regularizer_terms` sets it up (DC per
+module / on delta W, L2 on delta W, EWC, O-LoRA); and a CE step with the non-finite loss guard
+of `train_stage` (record every step, check every step as on CPU).
 """
 import argparse
 import dataclasses
@@ -44,7 +45,7 @@ def main() -> None:
 
     def step(extra, nest=None, guard=None) -> None:
         if nest is not None:
-            nest.begin(nest.sample())
+            nest.begin(nest.next_rank())
         logits = model(input_ids=ids).logits
         ce, n, _ = causal_lm_sums(logits, ids, with_hits=False)
         loss = ce / n + extra()
@@ -75,11 +76,12 @@ def main() -> None:
         terms = regularizer_terms(dataclasses.replace(cfg, **change), get_method(method), 2, factors,
                                   args.r, ref, [s for *_, s in lora_factors(model)])
         variants[f"CE+{label}"] = next(iter(terms.values()))
-    times = {k: [] for k in [*variants, "CE, DyLoRA sampled rank", "CE + finite guard"]}
+    times = {k: [] for k in [*variants, "CE, DyLoRA sampled rank", "CE, Matryoshka weighting",
+                             "CE + finite guard"]}
     guard = FiniteGuard(torch.device("cpu"), 1, 1)
 
-    def timed_nested() -> float:
-        with nested_training(model, cfg) as nest:  # hooks set up outside the timed step
+    def timed_nested(mode: str = "dylora") -> float:
+        with nested_training(model, cfg, mode) as nest:  # hooks set up outside the timed step
             t = time.perf_counter()
             step(lambda: 0.0, nest)
             return time.perf_counter() - t
@@ -88,12 +90,14 @@ def main() -> None:
         for f in variants.values():
             step(f)  # warm-up
         timed_nested()
+        timed_nested("matryoshka")
     for _ in range(args.steps):  # interleaved, so drift in machine load hits all variants alike
         for k, f in variants.items():
             t = time.perf_counter()
             step(f)
             times[k].append(time.perf_counter() - t)
         times["CE, DyLoRA sampled rank"].append(timed_nested())
+        times["CE, Matryoshka weighting"].append(timed_nested("matryoshka"))
         t = time.perf_counter()
         step(lambda: 0.0, guard=guard)
         times["CE + finite guard"].append(time.perf_counter() - t)

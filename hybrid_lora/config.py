@@ -15,8 +15,10 @@ from dataclasses import dataclass
 PAPER_METHODS = ("lora", "dylora", "dc", "hybrid")
 # continual-learning baselines ("lora" is sequential LoRA; "multitask" the upper bound)
 CL_METHODS = ("single", "cumulative", "multitask", "replay", "l2", "ewc", "freeze_add", "olora")
-# + true DyLoRA (nested-dropout) training, and plain LoRA trained at the final rank
-METHOD_NAMES = PAPER_METHODS + ("dylora_nested", "hybrid_nested", "lora_small") + CL_METHODS
+# + true DyLoRA (nested-dropout) training, plain LoRA trained at the final rank, and
+# Matryoshka-style nested weighting (every prefix trained at every step)
+METHOD_NAMES = PAPER_METHODS + ("dylora_nested", "hybrid_nested", "lora_small", "matryoshka",
+                                "hybrid_matryoshka") + CL_METHODS
 DYLORA_DISTRIBUTIONS = ("uniform", "geometric")
 SWEEP_KINDS = ("slice", "svd")
 DATA_SOURCES = ("hub", "local", "builtin")
@@ -114,6 +116,9 @@ class ExperimentConfig:
     dylora_distribution: str = "uniform"  # or "geometric": p_B(b) ~ p (1 - p)^(b - r_min)
     dylora_p: float = 0.15
     dylora_frozen: bool = False  # True: update only component b (the paper's FROZEN mode)
+    # Matryoshka weighting (methods *matryoshka): each step trains the mean of the rank-k
+    # sub-adapters (first k components at alpha/k) for k in these ranks; () = 1, 2, 4, ... up to r
+    matryoshka_ranks: tuple[int, ...] = ()
     # post-hoc rank sweep of each run's Stage-1 and final adapters (ranks above an adapter's skipped)
     sweep_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     sweep_kinds: tuple[str, ...] = ("slice", "svd")  # slice: first k components; svd: best rank k
@@ -130,7 +135,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         # JSON and the CLI give lists; keep tuples so the config stays hashable and frozen.
         for name in ("target_modules", "domains", "rank_schedule", "methods", "seeds", "sweep_ranks",
-                     "sweep_kinds"):
+                     "sweep_kinds", "matryoshka_ranks"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
@@ -263,6 +268,8 @@ class ExperimentConfig:
             raise bad("dylora_p", "must be in (0, 1)")
         if any(not isinstance(k, int) or k < 1 for k in self.sweep_ranks):
             raise bad("sweep_ranks", "ranks must be positive integers")
+        if any(not isinstance(k, int) or not 1 <= k <= self.r for k in self.matryoshka_ranks):
+            raise bad("matryoshka_ranks", f"ranks must be integers from 1 to r={self.r}")
         for kind in self.sweep_kinds:
             if kind not in SWEEP_KINDS:
                 raise bad("sweep_kinds", f"unknown kind {kind!r}; known: {SWEEP_KINDS}")

@@ -24,7 +24,8 @@ class Method:
     dc: bool             # domain-correlation loss in every stage after the first
     rank_schedule: bool  # Stage 2 follows cfg.rank_schedule (rebuild each epoch)
     description: str
-    nested: bool = False  # every stage trained with DyLoRA's sampled rank b per step
+    nested: str | None = None  # rank-nested training in every stage: "dylora" (a sampled rank b
+    #                            per step) or "matryoshka" (every prefix weighted in each step)
     small: bool = False   # train at the schedule's last rank instead of cfg.r
     penalty: str | None = None  # "l2" | "ewc" | "olora" in every stage after the first
     data: str = "current"       # "current" | "replay" | "cumulative" | "all" (data.stage_train_set)
@@ -66,7 +67,7 @@ class Method:
     def cut_scaling(self, cfg: ExperimentConfig) -> str:
         """How this method's adapters are cut to a lower rank, in training (rebuild) and sweeps.
 
-        Nested (DyLoRA) training runs rank b with alpha/b, so its cuts keep lora_alpha
+        Nested training (DyLoRA, Matryoshka) runs rank b with alpha/b, so its cuts keep lora_alpha
         ("dylora"; `rebuild_model_for_new_rank` calls it "peft"); the others keep each
         kept component's contribution ("preserve") unless cfg.rebuild_scaling says "peft".
         """
@@ -77,7 +78,8 @@ class Method:
     def stage1_signature(self) -> tuple:
         """What of the method Stage 1 depends on: equal signatures (and configs) train the
         same Stage 1, so one run can reuse another's (`share_stage1`)."""
-        return (self.order, self.nested, self.small) + (("all",) if self.data == "all" else ())
+        nested = True if self.nested == "dylora" else self.nested  # True: DyLoRA in older keys
+        return (self.order, nested, self.small) + (("all",) if self.data == "all" else ())
 
 
 METHODS = {m.name: m for m in (
@@ -89,11 +91,17 @@ METHODS = {m.name: m for m in (
     Method("hybrid", True, True, True, "CE + the paper's ordering regularizer + DC after Stage 1; "
            "Stage-2 rank schedule"),
     Method("dylora_nested", False, False, True, "true DyLoRA: CE at a sampled rank b per step "
-           "(alpha/b), instead of the ordering term; Stage-2 rank schedule", nested=True),
+           "(alpha/b), instead of the ordering term; Stage-2 rank schedule", nested="dylora"),
     Method("hybrid_nested", True, True, True, "hybrid with DyLoRA's sampled-rank training added "
-           "to the ordering term and DC", nested=True),
+           "to the ordering term and DC", nested="dylora"),
     Method("lora_small", False, False, False, "plain LoRA trained directly at the schedule's last "
            "rank (16 in the paper), lora_alpha unchanged", small=True),
+    Method("matryoshka", False, False, True, "Matryoshka weighting: each step trains the mean of "
+           "the rank-k sub-adapters (alpha/k, k in matryoshka_ranks) in one forward pass; Stage-2 "
+           "rank schedule", nested="matryoshka"),
+    Method("hybrid_matryoshka", False, True, True, "matryoshka + the paper's DC after Stage 1 "
+           "(Matryoshka weighting in place of the ordering term); Stage-2 rank schedule",
+           nested="matryoshka"),
     Method("single", False, False, False, "each domain trained alone: a new adapter from the base "
            "model every stage (the reference for plasticity)", adapter="reset"),
     Method("cumulative", False, False, False, "the adapter continues; stage t trains on the union "

@@ -1,10 +1,18 @@
-"""True DyLoRA training (the DyLoRA paper's Algorithm 1) for the `*_nested` methods.
+"""Rank-nested training: every prefix of the adapter is trained to work on its own.
 
-Each optimizer step samples one rank b ~ p_B on [dylora_r_min, r] for the whole model. The
-forward pass uses every module's first b components at scaling alpha/b (through
-`component_mask`), and the step updates components 1..b, or only component b when
-`dylora_frozen`. Adam's momentum and weight decay would still move components outside that
-set, so they are put back after the step: they are left exactly as they were.
+DyLoRA (the DyLoRA paper's Algorithm 1; methods `*_nested`, `NestedStep`): each optimizer step
+samples one rank b ~ p_B on [dylora_r_min, r] for the whole model. The forward pass uses every
+module's first b components at scaling alpha/b (through `component_mask`), and the step updates
+components 1..b, or only component b when `dylora_frozen`. Adam's momentum and weight decay
+would still move components outside that set, so they are put back after the step: they are
+left exactly as they were.
+
+Matryoshka weighting (methods `*matryoshka`, `MatryoshkaStep`; after MatryoshkaLoRA): each step
+trains the mean of the rank-k sub-adapters, k in K = `matryoshka_ranks(cfg, r)`, where the
+rank-k sub-adapter is the first k components at alpha/k (the scaling a cut to rank k keeps,
+`cut_scaling` "dylora"). That mean is one LoRA with a fixed diagonal between A and B: component
+i (0-based) weighted by (1/|K|) sum_{k in K, k > i} alpha/k, so one forward pass at the cost of
+one LoRA step gives every prefix a gradient at every step.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import torch
 
 from .adapters import component_mask, current_rank, lora_factors
 from .config import ExperimentConfig
+from .distributed import broadcast
 from .ranks import slice_multiplier
 
 
@@ -58,6 +67,10 @@ class NestedStep:
         """Draw b from the global CPU RNG (saved in checkpoints, so a resumed run draws the same)."""
         return int(torch.multinomial(self.probs, 1)) + 1
 
+    def next_rank(self) -> int:
+        """This step's b: process 0's draw on every process (all must train the same rank)."""
+        return broadcast(self.sample())
+
     def begin(self, b: int) -> None:
         """Before the forward pass: truncate to rank b; remember the weights."""
         self.mask.copy_(self.forward[b - 1])
@@ -79,14 +92,59 @@ class NestedStep:
             h.remove()
 
 
+def matryoshka_ranks(cfg: ExperimentConfig, r: int) -> list[int]:
+    """The sub-adapter ranks K of a rank-r adapter: `cfg.matryoshka_ranks` (default 1, 2, 4, ...)
+    that are <= r, always with r itself."""
+    ks = cfg.matryoshka_ranks or tuple(2**j for j in range(r.bit_length()))
+    return sorted({k for k in ks if k <= r} | {r})
+
+
+def matryoshka_weights(cfg: ExperimentConfig, r: int, alpha: float) -> torch.Tensor:
+    """[r] multipliers on the components of a rank-r adapter at PEFT's scaling alpha/r that make
+    it the mean of the rank-k sub-adapters (first k components at alpha/k), k in K."""
+    ks = matryoshka_ranks(cfg, r)
+    i = torch.arange(r, dtype=torch.float64)
+    per_k = torch.stack([torch.where(i < k, alpha / k, 0.0) for k in ks])  # [|K|, r]
+    return (per_k.mean(0) / (alpha / r)).float()
+
+
+class MatryoshkaStep:
+    """Matryoshka weighting for one model (one rank): the diagonal is set before every step and
+    lifted for evaluation (`full`). Draws no random numbers; updates every component."""
+
+    def __init__(self, model, cfg: ExperimentConfig, mask: torch.Tensor):
+        alpha = model.peft_config["default"].lora_alpha
+        self.mask = mask
+        self.weights = matryoshka_weights(cfg, current_rank(model), alpha).to(mask.device)
+
+    def next_rank(self) -> None:
+        return None
+
+    def begin(self, b=None) -> None:
+        self.mask.copy_(self.weights)
+
+    def end(self) -> None:
+        pass
+
+    def full(self) -> None:
+        """All components at the model's own scaling (for evaluation)."""
+        self.mask.fill_(1.0)
+
+    def close(self) -> None:
+        pass
+
+
 @contextmanager
-def nested_training(model, cfg: ExperimentConfig, enabled: bool = True):
-    """Yield a NestedStep for `model` (None when not `enabled`); hooks are removed on exit."""
-    if not enabled:
+def nested_training(model, cfg: ExperimentConfig, mode: str | None = "dylora"):
+    """Yield the step helper of `mode` ("dylora": NestedStep, "matryoshka": MatryoshkaStep) for
+    `model`, or None when `mode` is None; hooks are removed on exit."""
+    if mode is None:
         yield None
         return
+    if mode not in ("dylora", "matryoshka"):
+        raise ValueError(f"nested mode {mode!r}: must be 'dylora' or 'matryoshka'")
     with component_mask(model) as mask:
-        step = NestedStep(model, cfg, mask)
+        step = (NestedStep if mode == "dylora" else MatryoshkaStep)(model, cfg, mask)
         try:
             yield step
         finally:

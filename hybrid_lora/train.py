@@ -18,7 +18,7 @@ from .config import ExperimentConfig
 from .continual import StageReference, regularizer_terms
 from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, model_device
 from .data import IGNORE_INDEX
-from .distributed import all_reduce, all_reduce_grads, broadcast, gather_objects, shard, world
+from .distributed import all_reduce, all_reduce_grads, gather_objects, shard, world
 from .families import enable_gradient_checkpointing
 from .losses import causal_lm_sums, ordering_penalty
 from .methods import Method
@@ -145,8 +145,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
 
     Before an epoch whose rank is below the model's, the model is rebuilt at that rank
     (scaling by `method.cut_scaling`) and gets a fresh optimizer. A `method.nested` method
-    trains one sampled rank per step (`nested.py`). The returned model may therefore be a new
-    object: callers must use it. `reference` (`continual.stage_reference`: the adapter after
+    trains rank-nested (`nested.py`: DyLoRA's sampled rank per step, or Matryoshka weighting).
+    The returned model may therefore be a new object: callers must use it. `reference` (`continual.stage_reference`: the adapter after
     the previous stage, EWC Fisher, earlier A matrices) enables the method's DC and penalty
     terms in this stage and, for a continued adapter, the `cos_to_stage1` column.
     `amp_dtype` (from `choose_amp_dtype`) autocasts the forward pass only: the LoRA weights,
@@ -221,13 +221,13 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
         n_batches, step = skip + len(train_loader), skip
         guard = FiniteGuard(device, stage, epoch)
         start = time.perf_counter() - sums["seconds"]
-        with nested_training(model, cfg, enabled=method.nested) as nest:
+        with nested_training(model, cfg, method.nested) as nest:
             model.train()
             batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
                            disable=not progress, initial=skip, total=n_batches)
             for batch in batches:
-                if nest is not None:  # DyLoRA: this step trains rank b only (process 0's draw)
-                    nest.begin(broadcast(nest.sample()))
+                if nest is not None:  # DyLoRA: this step trains rank b only; Matryoshka: all prefixes
+                    nest.begin(nest.next_rank())
                 optimizer.zero_grad(set_to_none=True)
                 ce_step, loss = _cross_entropy(model, batch, cfg, device, amp_dtype, scaler, sums)
                 # The regularizers join the last micro-batch's loss: once per optimizer step,

@@ -50,7 +50,7 @@ def finished_files(out, method: str, seed: int = 42) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    methods = ("hybrid", "lora", "hybrid_nested", "freeze_add", "ewc", "olora")
+    methods = ("hybrid", "lora", "hybrid_nested", "freeze_add", "ewc", "olora", "hybrid_matryoshka")
     for method in methods:
         run_experiment(config(), method, 42, out, progress=False)
     return {m: finished_files(out, m) for m in methods}
@@ -67,6 +67,7 @@ CASES = [
     ("freeze_add", [7], [2, 1, 2]),    # the Stage-1 adapter merged into the base again, new one loaded
     ("ewc", [11], [2, 2, 2]),          # the Fisher is rebuilt from the saved Stage-1 adapter
     ("olora", [6], [2, 1, 0]),         # at the boundary: Stage 2 starts again from its own seed
+    ("hybrid_matryoshka", [11], [2, 2, 2]),  # Matryoshka weights of the new rank, DC, after a cut
 ]
 
 
