@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lambdas", nargs="+", default=[], metavar="METHOD=L1,L2,...",
                      help="lambda sweeps after the methods, e.g. --lambdas dc=0.1,1,10 l2=0.01:1 "
                           "(LO:HI = 3 values per decade); runs go to <out>/<method>_lam<value>/")
+    run.add_argument("--ranks", nargs="+", default=[], metavar="METHOD=K1,K2,...",
+                     help="also train METHOD at each LoRA rank K (runs <method>_r<K>), e.g. --ranks "
+                          "lora=1,2,4,8,16,32: the per-rank references of the rank-flexibility benchmark")
     run.add_argument("--data-dir", help="read <DIR>/<domain>.jsonl instead of the hub / built-in corpus")
     run.add_argument("--model", help="base model: hub name or local folder")
     run.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -142,6 +145,22 @@ def parse_lambdas(items: list[str]) -> dict[str, tuple[float, ...]]:
     return out
 
 
+def parse_ranks(items: list[str]) -> dict[str, tuple[int, ...]]:
+    """["lora=1,2,4"] -> {"lora": (1, 2, 4)}; ValueError naming a bad item."""
+    out = {}
+    for item in items:
+        method, sep, values = item.partition("=")
+        if not sep or method not in METHOD_NAMES:
+            raise ValueError(f"--ranks {item!r}: expected METHOD=K1,K2,... with a method of {METHOD_NAMES}")
+        try:
+            out[method] = tuple(int(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--ranks {item!r}: {values!r} is not a list of integers") from None
+        if not out[method] or min(out[method]) < 1:
+            raise ValueError(f"--ranks {item!r}: give positive integer ranks")
+    return out
+
+
 def table_command(args: argparse.Namespace) -> int:
     """`table`: print the continual-learning table and write it to <results>/cl_table.csv."""
     import pandas as pd
@@ -230,6 +249,7 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         lambdas = parse_lambdas(args.lambdas)
         shard = parse_shard(args.shard) if args.shard else shard_from_env()
+        ranks = parse_ranks(args.ranks)
     except ValueError as err:
         parser.error(str(err))
     from .grid import run_all  # heavy imports only once the arguments are good
@@ -237,7 +257,7 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .distributed import is_main
 
     rows = run_all(cfg, args.out, progress=not args.no_progress and is_main(), lambdas=lambdas,
-                   suffix=args.suffix, shard=shard)
+                   suffix=args.suffix, shard=shard, ranks=ranks)
     if is_main():  # under accelerate / torchrun: one report, not one per process
         print(format_table(rows))
         print(f"results: {args.out}/<method>/seed<k>/ ; summary: {args.out}/summary.csv")

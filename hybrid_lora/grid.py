@@ -25,12 +25,28 @@ from .results import run_dir, summary_row, write_summary
 _SHARD = re.compile(r"(\d+)/(\d+)")
 
 
-def grid(cfg: ExperimentConfig, lambdas: dict | None = None, suffix: str = "") -> list[tuple]:
+def at_rank(cfg: ExperimentConfig, k: int) -> ExperimentConfig:
+    """`cfg` for an adapter of rank k: r = k, the rank schedule and Matryoshka ranks capped at
+    k, and only the own-rank row swept (read from R: no extra evaluation)."""
+    return dataclasses.replace(cfg, r=k, rank_schedule=tuple(min(x, k) for x in cfg.rank_schedule),
+                               matryoshka_ranks=tuple(x for x in cfg.matryoshka_ranks if x <= k),
+                               sweep_ranks=(k,) if cfg.sweep_ranks else ())
+
+
+def grid(cfg: ExperimentConfig, lambdas: dict | None = None, suffix: str = "",
+         ranks: dict | None = None) -> list[tuple]:
     """Every run of a `run_all` call as (name, method, seed, config), seed-major: all runs of a
     seed are neighbours, so a shard mostly holds whole seeds and shares their Stage 1. The
     lambda sweeps (`{method: (lambda, ...)}`) give runs `<method><suffix>_lam<value>`; a value
-    equal to cfg's own is the plain `<method><suffix>` run, listed once."""
+    equal to cfg's own is the plain `<method><suffix>` run, listed once. `ranks` ({method:
+    (k, ...)}) adds the method trained at each LoRA rank k (`at_rank`): runs
+    `<method><suffix>_r<k>` (k = cfg.r is the plain run), e.g. the per-rank references of the
+    rank-flexibility benchmark."""
     check_lambdas(lambdas or {})
+    for method, ks in (ranks or {}).items():
+        get_method(method)
+        if any(not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"--ranks {method}={ks}: ranks must be positive integers")
     per_seed = [(method + suffix, method, cfg) for method in cfg.methods]
     for method, values in (lambdas or {}).items():
         field = LAMBDA_FIELDS[get_method(method).regularizer()]
@@ -38,6 +54,11 @@ def grid(cfg: ExperimentConfig, lambdas: dict | None = None, suffix: str = "") -
             name = method + suffix if lam == getattr(cfg, field) else sweep_name(method + suffix, lam)
             if all(name != n for n, *_ in per_seed):
                 per_seed.append((name, method, dataclasses.replace(cfg, **{field: float(lam)})))
+    for method, ks in (ranks or {}).items():
+        for k in ks:
+            name = method + suffix if k == cfg.r else f"{method}{suffix}_r{k}"
+            if all(name != n for n, *_ in per_seed):
+                per_seed.append((name, method, cfg if k == cfg.r else at_rank(cfg, k)))
     return [(name, method, seed, c) for seed in cfg.seeds for name, method, c in per_seed]
 
 
@@ -92,16 +113,17 @@ def preflight(cfg: ExperimentConfig, out_dir: str | Path, lambdas: dict) -> None
 
 def run_all(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
             lambdas: dict[str, tuple[float, ...]] | None = None, suffix: str = "",
-            shard: tuple[int, int] | None = None) -> list[dict]:
+            shard: tuple[int, int] | None = None, ranks: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
     """Every method in `cfg.methods` x seed in `cfg.seeds`, then the lambda sweeps `lambdas`
-    ({method: (lambda, ...)}, see `run_lambda_sweep`): complete runs skipped, interrupted ones
+    ({method: (lambda, ...)}, see `run_lambda_sweep`) and the methods at other ranks `ranks`
+    ({method: (k, ...)}, see `grid`): complete runs skipped, interrupted ones
     resumed. `shard=(I, N)` runs only `take_shard(grid(...), I, N)`. Rebuilds summary.csv from
     every finished run in `out_dir` (those of other shards too); returns the rows of this call's
     runs. A `suffix` names the run folders `<method><suffix>` (e.g. "_delta_w")."""
     from .runs import run_experiment  # torch and transformers: only once a run starts
 
     preflight(cfg, out_dir, lambdas or {})
-    runs = grid(cfg, lambdas, suffix)
+    runs = grid(cfg, lambdas, suffix, ranks)
     if shard is not None:
         runs = take_shard(runs, *shard)
         if progress:

@@ -143,6 +143,10 @@ def sweep_adapters(adapters: dict, loaders: dict, ranks, kinds, amp_dtype=None,
     return rows
 
 
+# sweep domain -> (matrix of eval_sequences.json, column): the evaluation and validation texts
+SWEPT = {"A": ("R", 0), "B": ("R", 1), "A_val": ("R_val", 0), "B_val": ("R_val", 1)}
+
+
 def _first(entry: dict, n: int | None) -> dict:
     """{"loss", "acc"} of the first `n` sequences (all if None) of an R-matrix entry's
     per-sequence sums ({"nll", "tokens", "hits"} lists, eval_sequences.json)."""
@@ -153,7 +157,8 @@ def _first(entry: dict, n: int | None) -> dict:
 def sweep_run(run, cfg, loaders: dict, ranks, kinds, device, amp_dtype=None,
               progress: bool = True) -> list[dict]:
     """Sweep the saved adapters of one run folder (`adapter_stage1/`, `adapter_final/`, those
-    present) on `loaders` ({"A": eval loader of domain 1, "B": of domain 2}), cut to the first
+    present) on `loaders` ({"A": eval loader of domain 1, "B": of domain 2, and optionally
+    "A_val", "B_val": their validation loaders}), cut to the first
     `cfg.sweep_n_eval` sequences (None: all); merge the rows into `<run>/sweep.json` (a row with
     the same adapter, domain, kind, scaling and rank is replaced) and return all its rows.
 
@@ -182,12 +187,15 @@ def sweep_run(run, cfg, loaders: dict, ranks, kinds, device, amp_dtype=None,
                                 f"{run / SEQUENCES_FILE}, written when the run completes")
     uncut, extra = {}, {}
     if seqs is not None:
-        r_rows = {"stage1": seqs["R"][1], "final": seqs["R"][-1]}
-        for col, d in enumerate(loaders):
-            base = _first(seqs["R"][0][col], n)
+        for d in loaders:
+            matrix, col = SWEPT[d]
+            if matrix not in seqs:
+                raise ValueError(f"{run / SEQUENCES_FILE} has no {matrix}: cannot sweep domain {d!r}")
+            r = seqs[matrix]
+            base = _first(r[0][col], n)
             extra[d] = {"n_eval": len(loaders[d].dataset), "base_loss": base["loss"], "base_acc": base["acc"]}
-            for name in adapters:
-                uncut[name, d] = _first(r_rows[name][col], n)
+            for name in adapters:  # stage1: after stage 1; final: after the last stage
+                uncut[name, d] = _first(r[1 if name == "stage1" else -1][col], n)
     new = [{**row, **extra.get(row["domain"], {})}
            for row in sweep_adapters(adapters, loaders, ranks, kinds, amp_dtype, progress, uncut)]
     key = lambda row: tuple(row[k] for k in ("adapter", "domain", "kind", "scaling", "rank"))  # noqa: E731

@@ -38,7 +38,7 @@ SCHEMA_VERSION = 4
 #    (SWEEP_KEYS; the old accuracy-normalised `rank_auc_*` keys are not read); `R_val`.
 HISTORY_KEYS = ("stage", "epoch", "rank", "train_ce", "train_order", "train_dc", "train_penalty",
                 "eval_loss", "eval_acc", "cos_to_stage1", "dc_end", "dc_grad_norm", "penalty_end",
-                "penalty_grad_norm", "trainable_params", "seconds")
+                "penalty_grad_norm", "trainable_params", "seconds", "train_seconds")
 STAGE1_FILE = "stage1.json"            # Stage 1's key, history and evaluations (for sharing it)
 SEQUENCES_FILE = "eval_sequences.json"  # per-sequence sums behind every entry of R
 EVAL_KEYS = ("A_base", "B_base", "A_after_stage1", "A_after_stage2", "B_after_stage2")

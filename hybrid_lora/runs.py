@@ -213,7 +213,8 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
                                     f"gave loss {e['loss']}, accuracy {e['acc']}; the run is not "
                                     "marked complete")
         if cfg.n_val:
-            val_evals.append([evaluate_loss_and_token_acc(model, ld.val, amp_dtype) for ld in loaders])
+            val_evals.append([evaluate_loss_and_token_acc(model, ld.val, amp_dtype, per_sequence=True)
+                              for ld in loaders])
 
     def matrix(rows, x) -> list[list[float]]:
         return [[e[x] for e in row] for row in rows]
@@ -271,14 +272,18 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
                 return result(False)
     val = {x: matrix(val_evals, x) for x in ("loss", "acc")} if cfg.n_val else None
     metrics = run_metrics(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"), val)
-    write_json_atomic(rd / SEQUENCES_FILE, {"domains": list(cfg.domains),  # the sweep reads it
-                                            "R": [[e["seq"] for e in row] for row in evals]}, indent=None)
+    sequences = {"domains": list(cfg.domains), "R": [[e["seq"] for e in row] for row in evals]}
+    if val_evals and all("seq" in e for row in val_evals for e in row):  # (a copied old Stage 1 has none)
+        sequences["R_val"] = [[e["seq"] for e in row] for row in val_evals]
+    write_json_atomic(rd / SEQUENCES_FILE, sequences, indent=None)  # the sweep reads it
     barrier()
     if cfg.sweep_ranks and cfg.sweep_kinds and n_stages == 2 and m.adapter == "continue":
         kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
         del model  # the sweep loads both adapters back from disk
-        sweep = sweep_run(rd, cfg, {"A": loaders[0].eval, "B": loaders[1].eval}, cfg.sweep_ranks, kinds,
-                          device, amp_dtype, progress)
+        swept = {"A": loaders[0].eval, "B": loaders[1].eval}
+        if "R_val" in sequences:  # the validation texts too: lambdas are chosen on them
+            swept.update({"A_val": loaders[0].val, "B_val": loaders[1].val})
+        sweep = sweep_run(rd, cfg, swept, cfg.sweep_ranks, kinds, device, amp_dtype, progress)
         metrics.update(sweep_aucs(sweep, *sweep_reference(sweep), r_max=max(cfg.r, *cfg.sweep_ranks)))
     # no timings in metrics.json: same seed, same file
     write_json_atomic(rd / "history.json", history)

@@ -97,8 +97,9 @@ def load_sweeps(out: str | Path):
         df.insert(0, "method", cfg["method"])
         df.insert(0, "run", run.parent.name)
         # rows written before sweeps carried the base on their own sequences: the whole eval set
-        df["base_loss"] = df["base_loss"].fillna(pd.Series([m[f"{d}_base"]["loss"] for d in df["domain"]]))
-        df["base_acc"] = df["base_acc"].fillna(pd.Series([m[f"{d}_base"]["acc"] for d in df["domain"]]))
+        old = [m.get(f"{d}_base", {}) for d in df["domain"]]
+        df["base_loss"] = df["base_loss"].fillna(pd.Series([o.get("loss", math.nan) for o in old]))
+        df["base_acc"] = df["base_acc"].fillna(pd.Series([o.get("acc", math.nan) for o in old]))
         frames.append(df)
     if not frames:
         raise FileNotFoundError(f"no finished runs with a sweep.json under {out}")

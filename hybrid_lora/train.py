@@ -263,6 +263,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             guard.check()
             if nest is not None:
                 nest.full()
+            train_seconds = time.perf_counter() - start  # the steps (and checkpoints), no evaluation
             last = epoch == len(ranks) and not evaluate_last
             ev = {"loss": None, "acc": None} if last else evaluate_loss_and_token_acc(model, eval_loader, amp_dtype)
         cos = None
@@ -283,7 +284,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             "dc_end": dc_end, "dc_grad_norm": dc_grad,
             "penalty_end": pen_end, "penalty_grad_norm": pen_grad,
             "trainable_params": count_trainable_params(model),
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
         })
         epochs.update()
         if ev["loss"] is not None:

@@ -38,7 +38,7 @@ def numbers(obj, path=""):
 
 def run_numbers(out, method):
     rd = Path(out) / method / "seed42"
-    history = [{k: v for k, v in row.items() if k != "seconds"}
+    history = [{k: v for k, v in row.items() if k not in ("seconds", "train_seconds")}
                for row in json.loads((rd / "history.json").read_text())]
     return {**numbers(json.loads((rd / "metrics.json").read_text()), "metrics"), **numbers(history, "history")}
 

@@ -89,3 +89,16 @@ def test_a_locked_run_is_refused_and_a_stale_lock_taken_over(tmp_path):
     (rd.parent / "seed8" / LOCK).write_text(json.dumps(held_elsewhere))
     with pytest.raises(RunLocked, match="another-node"):
         run_experiment(cfg, "lora", 8, tmp_path, progress=False)
+
+
+def test_ranks_add_the_method_trained_at_each_rank():
+    cfg = tiny_config(methods=("lora", "matryoshka"), seeds=(1,), matryoshka_ranks=(1, 2, 8))
+    runs = grid(cfg, ranks={"lora": (2, 8), "matryoshka": (4,)})
+    assert names(runs) == [("lora", 1), ("matryoshka", 1), ("lora_r2", 1), ("matryoshka_r4", 1)]
+    by_name = {name: c for name, _, _, c in runs}
+    assert by_name["lora"] is cfg  # k = r is the plain run
+    small = by_name["lora_r2"]
+    assert (small.r, small.rank_schedule, small.sweep_ranks, small.lora_alpha) == (2, (2, 2, 2), (2,), cfg.lora_alpha)
+    assert by_name["matryoshka_r4"].matryoshka_ranks == (1, 2)
+    with pytest.raises(ValueError, match="unknown method"):
+        grid(cfg, ranks={"lorax": (2,)})

@@ -41,7 +41,7 @@ def count_training_steps(monkeypatch, stop_at: int | None = None) -> list[int]:
 
 def finished_files(out, method: str, seed: int = 42) -> dict:
     rd = run_dir(out, method, seed)
-    history = [{k: v for k, v in row.items() if k != "seconds"} for row in read_json(rd / "history.json")]
+    history = [{k: v for k, v in row.items() if k not in ("seconds", "train_seconds")} for row in read_json(rd / "history.json")]
     return {"metrics": (rd / "metrics.json").read_bytes(), "history": history,
             "adapter": (rd / "adapter_final" / "adapter_model.safetensors").read_bytes(),
             "stage1": (rd / "adapter_stage1" / "adapter_model.safetensors").read_bytes()}

@@ -176,3 +176,24 @@ def test_sweep_on_the_first_n_texts_against_independent_evaluations(tmp_path):
                 checked += 1
     assert checked == 2 * 2 * (3 + 1)  # 2 domains x 2 adapters x (3 slices + the uncut SVD row)
     assert math.isfinite(result["metrics"]["rank_auc_loss_final_B"])
+
+
+def test_validation_texts_are_swept_too(tmp_path):
+    """With n_val > 0 the sweep adds domains A_val and B_val, each row holding the base model on
+    the validation texts (checked by evaluating it here): lambdas are chosen on these rows."""
+    from hybrid_lora import build_model, evaluate_loss_and_token_acc
+    from hybrid_lora.adapters import load_tokenizer
+    from hybrid_lora.data import make_loaders
+
+    cfg = tiny_config(sweep_ranks=(1, 8), sweep_kinds=("slice",), n_val=4)
+    run_experiment(cfg, "lora", 42, tmp_path, progress=False)
+    rows = read_json(run_dir(tmp_path, "lora", 42) / "sweep.json")
+    assert {r["domain"] for r in rows} == {"A", "B", "A_val", "B_val"}
+    tok = load_tokenizer(cfg)
+    for d, domain in (("A_val", cfg.domains[0]), ("B_val", cfg.domains[1])):
+        base = evaluate_loss_and_token_acc(build_model(cfg)[0], make_loaders(cfg, tok, domain, 42).val)
+        for row in (r for r in rows if r["domain"] == d):
+            assert row["n_eval"] == 4 and row["base_loss"] == pytest.approx(base["loss"], rel=1e-6)
+    metrics = read_json(run_dir(tmp_path, "lora", 42) / "metrics.json")
+    own = next(r for r in rows if (r["adapter"], r["domain"], r["rank"]) == ("final", "B_val", 8))
+    assert own["loss"] == pytest.approx(metrics["R_val"]["loss"][-1][1], rel=1e-9)  # the uncut adapter, from R_val
