@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "seed-level CIs) of the Stage-1 adapter on A and the final one on B; writes "
                             "rank_table_<adapter>_<domain>.csv")
     table.add_argument("--reference", metavar="RUN",
-                       help="with --rank-sweep: shares of this run's uncut gain (same seed), e.g. lora")
+                       help="with --rank-sweep: shares of this run's uncut gain (same seed), e.g. lora; "
+                            "with --rank-flex: the method trained at each rank (default lora)")
+    table.add_argument("--rank-flex", action="store_true",
+                       help="instead: the rank-flexibility benchmark (run with --ranks lora=1,2,...): per "
+                            "rank the share of the gain of a LoRA trained at that rank, AURAC, time / LoRA, "
+                            "seed-level CIs, lambdas chosen on validation texts; writes rank_flex_<adapter>_<domain>.csv")
     sweep = sub.add_parser("sweep-ranks", parents=[common], help="evaluate a run's saved adapters cut to each rank "
                                               "(no training); merges into <run>/sweep.json")
     sweep.add_argument("--run", required=True, help="a run folder, <out>/<method>/seed<k>")
@@ -169,6 +174,8 @@ def table_command(args: argparse.Namespace) -> int:
     from .results import write_text_atomic
 
     results = Path(args.results)
+    if args.rank_flex:
+        return rank_flex_command(results, args.markdown, args.reference or "lora")
     if args.rank_sweep:
         return rank_table_command(results, args.markdown, args.reference)
     table = cl_table(results, n_boot=args.n_boot)
@@ -186,6 +193,33 @@ def table_command(args: argparse.Namespace) -> int:
             with pd.option_context("display.width", 250, "display.max_columns", 30, "display.precision", 4):
                 print(t[cols] if name == "cl_table.csv" else t)
         path = write_text_atomic(results / name, lambda f, t=t, index=index: t.to_csv(f, index=index))
+        print(f"written: {path}")
+    return 0
+
+
+def rank_flex_command(results: Path, markdown: bool, reference: str) -> int:
+    """`table --rank-flex`: the rank-flexibility benchmark tables of the Stage-1 adapter on A and
+    the final adapter on B."""
+    import pandas as pd
+
+    from .cl_results import markdown_table
+    from .rank_flex import rank_flex_benchmark, rank_flex_markdown_spec
+    from .results import write_text_atomic
+
+    for adapter, domain in (("stage1", "A"), ("final", "B")):
+        table, ref = rank_flex_benchmark(results, adapter, domain, reference)
+        print(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter on {domain}: share of the gain of "
+              f"{reference} trained at each rank that a cut keeps (lambda chosen on validation texts):")
+        shown = table[table["chosen"]]
+        if markdown:
+            print(markdown_table(shown, rank_flex_markdown_spec(shown)))
+        else:
+            with pd.option_context("display.width", 250, "display.max_columns", 50, "display.precision", 3):
+                print(shown)
+        print(f"{reference} trained at each rank, loss: " +
+              ", ".join(f"r={c[5:]}: {ref.loc[0, c]:.4f}" for c in ref.columns if c.startswith("loss_")))
+        path = write_text_atomic(results / f"rank_flex_{adapter}_{domain}.csv",
+                                 lambda f, t=table: t.to_csv(f, index=False))
         print(f"written: {path}")
     return 0
 

@@ -135,6 +135,43 @@ def plot_rank_sweep(sweeps, adapter: str = "final", domain: str = "B", svd_metho
     return fig
 
 
+def plot_rank_flex(out, adapter: str = "stage1", domain: str = "A", reference: str = "lora"):
+    """The rank-flexibility benchmark of one adapter on one domain: loss (left) and accuracy
+    (right) versus rank (log2 axis) of every compared adapter cut to each rank (the lambda chosen
+    on validation texts only; mean over seeds), and the LoRA trained at each rank as points with
+    95 % t-intervals over seeds."""
+    from .rank_flex import rank_flex_benchmark, reference_points
+    from .sweep_results import load_sweeps
+
+    table, _ = rank_flex_benchmark(out, adapter, domain, reference)
+    sweeps = load_sweeps(out)
+    rows = sweeps[(sweeps["adapter"] == adapter) & (sweeps["domain"] == domain)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for i, t in enumerate(table[table["chosen"]].itertuples()):
+        g = rows[(rows["run"] == t.run) & (rows["kind"] == t.kind) & (rows["scaling"] == t.scaling)]
+        for ax, col in zip(axes, ("loss", "acc")):
+            mean = g.groupby("rank")[col].mean()
+            ax.plot(mean.index, mean.values, color=f"C{i % 10}", ls="--" if t.kind == "svd" else "-",
+                    marker="o", ms=4, label=f"{t.run} ({'SVD' if t.kind == 'svd' else 'slice'})")
+    points = reference_points(sweeps, adapter, domain, reference)
+    for ax, col in zip(axes, ("loss", "acc")):
+        p = points[points["metric"] == col]
+        ax.errorbar(p["rank"], p["mean"], yerr=[p["mean"] - p["lo"], p["hi"] - p["mean"]], fmt="s",
+                    color="black", ms=6, capsize=3, label=f"{reference} trained at each rank (95 % CI)")
+        ax.set_xscale("log", base=2)
+        ranks = sorted(p["rank"].unique())
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("rank (log2 axis)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"eval loss on {domain} (nats / token)")
+    axes[1].set_ylabel(f"next-token accuracy on {domain}")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter on {domain}: one adapter cut "
+                 f"to each rank against a LoRA trained at that rank ({int(table['n_seeds'].max())} seeds)")
+    fig.tight_layout()
+    return fig
+
+
 def plot_pareto(table, title: str = ""):
     """Forgetting on the first domain (y) versus gain on the new domain (x), one point per row
     of `cl_results.cl_table` (a method, or one lambda of a sweep), error bars = s.d. over seeds;
@@ -208,11 +245,17 @@ def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ())
         if want(f"history_{run}_seed{seed}"):
             paths.append(save_figure(plot_stage_history(history, run, seed),
                                      Path(image_dir) / f"history_{run}_seed{seed}.png"))
-    if only and not want("rank_sweep"):
+    if only and not (want("rank_sweep") or want("rank_flex")):
         return paths
     try:
         sweeps = load_sweeps(out)
     except FileNotFoundError:  # results made without rank sweeps
+        return paths
+    if sweeps["run"].str.fullmatch(r".+_r\d+").any():  # the rank-flexibility benchmark
+        for adapter, domain in (("stage1", "A"), ("final", "B")):
+            if want(f"rank_flex_{adapter}_{domain}"):
+                paths.append(save_figure(plot_rank_flex(out, adapter, domain),
+                                         Path(image_dir) / f"rank_flex_{adapter}_{domain}.png"))
         return paths
     for adapter, domain in sweeps[["adapter", "domain"]].drop_duplicates().itertuples(index=False):
         if want(f"rank_sweep_{adapter}_{domain}"):

@@ -1,0 +1,95 @@
+"""The rank-flexibility benchmark table against hand-computed shares, AURAC, time ratios and
+the lambda chosen on validation texts."""
+import math
+
+import pytest
+
+from hybrid_lora.rank_flex import aurac, rank_flex_benchmark
+from hybrid_lora.results import write_json_atomic
+
+from conftest import write_fake_run
+
+BASE = 5.0
+REFERENCE = {1: 4.8, 2: 4.6, 4: 4.2}  # lora_r1, lora_r2 and lora (r = 4) on B, loss
+# compared adapters (rank 4) on B: loss at ranks 1, 2, 4; and on B_val
+CUTS = {
+    "lora": ({1: 4.95, 2: 4.9, 4: 4.2}, {1: 4.95, 2: 4.9, 4: 4.2}),
+    "matryoshka": ({1: 4.85, 2: 4.7, 4: 4.3}, {1: 4.85, 2: 4.7, 4: 4.3}),
+    "dylora": ({1: 4.9, 2: 4.8, 4: 4.25}, {1: 4.9, 2: 4.8, 4: 4.25}),
+    # best on the validation texts, worse on the reported ones: must be chosen anyway
+    "dylora_lam0.01": ({1: 4.99, 2: 4.98, 4: 4.9}, {1: 4.81, 2: 4.61, 4: 4.21}),
+}
+SECONDS = {"lora": 10.0, "lora_r1": 8.0, "lora_r2": 9.0, "matryoshka": 11.0, "dylora": 12.0, "dylora_lam0.01": 12.0}
+
+
+def rows(adapter_rank, losses, domain, adapter="final"):
+    return [{"adapter": adapter, "adapter_rank": adapter_rank, "domain": domain, "kind": "slice",
+             "scaling": "preserve", "rank": k, "loss": v, "acc": 0.1 + (BASE - v) / 10,
+             "n_eval": 8, "base_loss": BASE, "base_acc": 0.1} for k, v in losses.items()]
+
+
+@pytest.fixture
+def bench(tmp_path):
+    ev = {"loss": 5.0, "acc": 0.1}
+    metrics = {k: ev for k in ("A_base", "B_base", "A_after_stage1", "A_after_stage2", "B_after_stage2")}
+    for seed in (1, 2):
+        runs = {"lora_r1": (1, {1: REFERENCE[1]}, {1: REFERENCE[1]}), "lora_r2": (2, {2: REFERENCE[2]}, {2: REFERENCE[2]})}
+        runs.update({name: (4, test, val) for name, (test, val) in CUTS.items()})
+        for name, (r, test, val) in runs.items():
+            d = tmp_path / name / f"seed{seed}"
+            method = name.split("_lam")[0].split("_r")[0]
+            history = [{"stage": 1, "epoch": 1, "seconds": 1.0, "train_seconds": SECONDS[name] / 2},
+                       {"stage": 2, "epoch": 1, "seconds": 1.0, "train_seconds": SECONDS[name] / 2}]
+            write_fake_run(d, method, seed, metrics, history)
+            write_json_atomic(d / "sweep.json", rows(r, test, "B") + rows(r, val, "B_val")
+                              + rows(r, test, "A", "stage1") + rows(r, val, "A_val", "stage1"))
+    return tmp_path
+
+
+def test_aurac_by_hand():
+    assert aurac({1: 1.0, 2: 1.0, 4: 1.0}) == 1.0
+    assert aurac({1: 0.75, 2: 0.75, 4: 0.875}) == pytest.approx(((0.75 + 0.75) / 2 + (0.75 + 0.875) / 2) / 2)
+    assert math.isnan(aurac({1: math.nan, 4: 1.0}))
+
+
+def test_shares_aurac_time_and_the_lambda_chosen_on_validation(bench):
+    table, ref = rank_flex_benchmark(bench, "final", "B")
+    t = table.set_index("run")
+    assert set(t.index) == {"lora", "matryoshka", "dylora", "dylora_lam0.01"}  # references are not compared
+    m = t.loc["matryoshka"]
+    assert (m["kept_1"], m["kept_2"], m["kept_4"]) == pytest.approx((0.15 / 0.2, 0.3 / 0.4, 0.7 / 0.8))
+    assert m["aurac"] == pytest.approx(((0.75 + 0.75) / 2 + (0.75 + 0.875) / 2) / 2)
+    assert m["time"] == pytest.approx(1.1) and m["n_seeds"] == 2
+    assert t.loc["lora", "kept_4"] == pytest.approx(1.0)  # the reference at its own rank
+    assert t.loc["lora", "aurac_acc"] == pytest.approx(t.loc["lora", "aurac"])  # acc = 0.1 + gain / 10
+    assert t.loc["dylora_lam0.01", "chosen"] and not t.loc["dylora", "chosen"]
+    assert t.loc["matryoshka", "chosen"]
+    assert ref.loc[0, "loss_1"] == 4.8 and ref.loc[0, "loss_4"] == 4.2
+
+
+def test_figure_has_the_chosen_lines_and_the_reference_points(bench):
+    import matplotlib
+    matplotlib.use("Agg")
+    from hybrid_lora.plots import plot_rank_flex
+
+    fig = plot_rank_flex(bench, "final", "B")
+    labels = [line.get_label() for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")]
+    assert sorted(labels) == ["dylora_lam0.01 (slice)", "lora (slice)", "matryoshka (slice)"]  # not dylora
+    points = fig.axes[0].containers[0]  # the errorbar of the references
+    assert list(points.lines[0].get_xdata()) == [1, 2, 4]
+    assert list(points.lines[0].get_ydata()) == pytest.approx([4.8, 4.6, 4.2])
+    assert fig.axes[0].get_xlabel().startswith("rank") and "loss" in fig.axes[0].get_ylabel()
+
+
+def test_table_command_prints_the_chosen_rows_and_writes_every_row(bench, capsys):
+    import pandas as pd
+
+    from hybrid_lora.cli import main
+
+    assert main(["table", "--results", str(bench), "--rank-flex", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| matryoshka | slice | 2 | 0.75 [0.75, 0.75] | 0.75 [0.75, 0.75] | 0.88 [0.88, 0.88] | 0.781 [0.781, 0.781]" in out
+    assert "| dylora |" not in out and "| dylora_lam0.01 |" in out  # the lambda chosen on validation
+    assert "lora trained at each rank, loss: r=1: 4.8000, r=2: 4.6000, r=4: 4.2000" in out
+    written = pd.read_csv(bench / "rank_flex_final_B.csv")
+    assert sorted(written["run"]) == ["dylora", "dylora_lam0.01", "lora", "matryoshka"]
