@@ -22,8 +22,9 @@ _EXPORTS = {
     "results": ("load_history", "load_run_history", "load_summary", "method_table", "metrics_table",
                 "run_dir"),
     "sweep_results": ("load_sweeps", "rank_flex_table", "rank_table"),
+    "rank_flex": ("rank_flex_benchmark",),
     "train": ("device_report",),
-    "runs": ("run_experiment",),
+    "runs": ("resweep", "run_experiment"),
     "grid": ("run_all", "run_lambda_sweep"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

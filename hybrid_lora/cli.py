@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 from .config import METHOD_NAMES, PRESETS, SEQUENCES, SWEEP_KINDS, ExperimentConfig, from_preset
-from .results import format_table, read_json
+from .results import format_table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,30 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sweep_command(args: argparse.Namespace) -> int:
     """`sweep-ranks`: rebuild the run's config and evaluation data, sweep, print the rows."""
-    from .adapters import load_tokenizer
-    from .data import make_loaders
-    from .evaluate import choose_amp_dtype
-    from .methods import get_method
-    from .ranks import sweep_run
-    from .train import resolve_device
+    from .runs import resweep
 
     run = Path(args.run)
     if not (run / "config.json").exists():
         raise SystemExit(f"sweep-ranks: {run} has no config.json (expected <out>/<method>/seed<k>)")
-    saved = read_json(run / "config.json")
-    cfg, method = ExperimentConfig.from_dict(saved), get_method(saved["method"])
-    if args.n_eval is not None:
-        cfg = dataclasses.replace(cfg, sweep_n_eval=args.n_eval)
-    scalings = {"method": [method.cut_scaling(cfg)], "both": ["preserve", "dylora"]}.get(
-        args.scaling, [args.scaling])
-    kinds = [(kind, s) for kind in (args.kinds or cfg.sweep_kinds)
-             for s in (scalings if kind == "slice" else ["preserve"])]
-    device = resolve_device(args.device or cfg.device)
-    tok = load_tokenizer(cfg)
-    loaders = {name: make_loaders(cfg, tok, domain, saved["seed"]).eval
-               for name, domain in zip("AB", cfg.domains)}
-    rows = sweep_run(run, cfg, loaders, args.ranks or cfg.sweep_ranks, kinds, device,
-                     choose_amp_dtype(cfg.mixed_precision, device), progress=not args.no_progress)
+    rows = resweep(run, args.ranks, args.kinds, args.scaling, args.device, args.n_eval,
+                   progress=not args.no_progress)
     print(f"{'adapter':<8}{'domain':>7}{'kind':>7}{'scaling':>10}{'rank':>6}{'loss':>9}{'acc':>8}")
     for r in sorted(rows, key=lambda r: (r["adapter"], r["domain"], r["kind"], r["scaling"], r["rank"])):
         print(f"{r['adapter']:<8}{r['domain']:>7}{r['kind']:>7}{r['scaling']:>10}{r['rank']:>6}"

@@ -50,14 +50,15 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 RUN_INDEPENDENT_FIELDS = ("methods", "seeds", "checkpoint_every", "keep_checkpoints")
 RUN_INDEPENDENT_FIELDS += ("share_stage1",)
 # How the same computation is laid out: results agree to float rounding.
-RUN_INDEPENDENT_FIELDS += ("gradient_accumulation_steps", "gradient_checkpointing", "eval_batch_size")
+RUN_INDEPENDENT_FIELDS += ("gradient_accumulation_steps", "gradient_checkpointing", "eval_batch_size",
+                           "device")  # a run started on one device may go on on another
 # Fields that only stages 2, 3, ... read: they may change between a Stage-1-only call and
 # Stage 2, and runs that differ only in them share one Stage 1 (`share_stage1`).
 STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "rebuild_scaling",
                  "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "ewc_samples",
                  "sweep_ranks", "sweep_kinds", "sweep_n_eval")
 DC_VARIANTS = ("global", "per_module", "delta_w")
-PRESETS = ("paper", "smoke", "forgetting")
+PRESETS = ("paper", "smoke", "forgetting", "rank_flex")
 FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "lr", "weight_decay", "lambda_order", "lambda_dc",
                 "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "dylora_p")
 
@@ -168,6 +169,22 @@ class ExperimentConfig:
             domains=SEQUENCES[sequence], r=16, lora_alpha=32.0, rank_schedule=(16,),
             epochs_stage1=1, epochs_stage2=1, n_train=500, n_eval=200, n_val=100, lr=1e-3,
             methods=("lora", "dc") + CL_METHODS, sweep_ranks=(), sweep_kinds=(),
+            seeds=(42, 43, 44, 45, 46),
+        )
+
+    @classmethod
+    def rank_flex(cls, sequence: str = "imdb-yelp") -> "ExperimentConfig":
+        """The rank-flexibility benchmark on a shipped domain `sequence`: LoRA, true DyLoRA,
+        Matryoshka and the paper's ordering term, r = 64 without a rank schedule, every adapter
+        swept by slicing on the evaluation and the validation texts (lambdas are chosen on
+        those), 5 seeds. Add the per-rank references with `run --ranks lora=1,2,4,8,16,32` and
+        the lambda sweep with `--lambdas dylora=0.001,0.01,0.1`; set `model_name` and the data."""
+        if sequence not in SEQUENCES:
+            raise ValueError(f"sequence={sequence!r}: must be one of {tuple(SEQUENCES)}")
+        return cls(
+            domains=SEQUENCES[sequence], r=64, lora_alpha=32.0, rank_schedule=(64, 64),
+            epochs_stage1=2, epochs_stage2=2, n_train=500, n_eval=200, n_val=100, lr=1e-3,
+            methods=("lora", "dylora_nested", "matryoshka", "dylora"), sweep_kinds=("slice",),
             seeds=(42, 43, 44, 45, 46),
         )
 
@@ -303,7 +320,7 @@ def from_preset(preset: str = "paper", data_dir: str | None = None, sequence: st
                 **changes) -> ExperimentConfig:
     """The preset named `preset` with `changes`; a change whose value is None keeps the
     preset's value. A `data_dir` also switches `data_source` to "local". `sequence` (a key
-    of SEQUENCES) selects the forgetting preset's domains; for the others it sets `domains`."""
+    of SEQUENCES) selects the forgetting and rank_flex presets' domains; for the others it sets `domains`."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: must be one of {PRESETS}")
     if sequence is not None and sequence not in SEQUENCES:
@@ -311,8 +328,8 @@ def from_preset(preset: str = "paper", data_dir: str | None = None, sequence: st
     changes = {k: v for k, v in changes.items() if v is not None}
     if data_dir is not None:
         changes.update(data_source="local", data_dir=str(data_dir))
-    if preset == "forgetting":
-        base = ExperimentConfig.forgetting(sequence or "imdb-code")
+    if preset in ("forgetting", "rank_flex"):
+        base = getattr(ExperimentConfig, preset)(sequence or ("imdb-code" if preset == "forgetting" else "imdb-yelp"))
     else:
         base = getattr(ExperimentConfig, preset)()
         if sequence is not None:

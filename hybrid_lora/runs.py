@@ -300,3 +300,24 @@ def _with_factors(model, source):
         for (_, a, b, _), (_, a0, b0, _) in zip(lora_factors(model), lora_factors(source)):
             a.copy_(a0), b.copy_(b0)
     return model
+
+
+def resweep(run: str | Path, ranks=None, kinds=None, scaling: str = "method", device: str | None = None,
+            n_eval: int | None = None, progress: bool = True) -> list[dict]:
+    """Sweep a finished run's saved adapters again (no training) and merge the rows into its
+    sweep.json (`ranks.sweep_run`): `ranks`, `kinds` default to the run's; `scaling` of slices:
+    "method" (the one the method trains with), "preserve", "dylora" or "both"; `n_eval`: the
+    first N evaluation texts (default the run's `sweep_n_eval`). Returns all its rows."""
+    run = Path(run)
+    saved = read_json(run / "config.json")
+    cfg, method = ExperimentConfig.from_dict(saved), get_method(saved["method"])
+    if n_eval is not None:
+        cfg = dataclasses.replace(cfg, sweep_n_eval=n_eval)
+    scalings = {"method": [method.cut_scaling(cfg)], "both": ["preserve", "dylora"]}.get(scaling, [scaling])
+    kinds = [(kind, s) for kind in (kinds or cfg.sweep_kinds)
+             for s in (scalings if kind == "slice" else ["preserve"])]
+    device = resolve_device(device or cfg.device)
+    tok = load_tokenizer(cfg)
+    loaders = {name: make_loaders(cfg, tok, domain, saved["seed"]).eval for name, domain in zip("AB", cfg.domains)}
+    return sweep_run(run, cfg, loaders, ranks or cfg.sweep_ranks, kinds, device,
+                     choose_amp_dtype(cfg.mixed_precision, device), progress)

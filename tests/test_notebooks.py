@@ -10,7 +10,8 @@ from hybrid_lora.results import read_json, run_dir
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ["01_stage1_imdb.ipynb", "02_stage2_yelp_rank_rebuild.ipynb",
-             "03_multi_seed_sweep.ipynb", "04_plots.ipynb", "05_rank_sweep.ipynb", "06_forgetting.ipynb"]
+             "03_multi_seed_sweep.ipynb", "04_plots.ipynb", "05_rank_sweep.ipynb", "06_forgetting.ipynb",
+             "07_rank_flexibility.ipynb"]
 
 
 def cells(name: str) -> list[dict]:
@@ -67,6 +68,9 @@ def executed(tmp_path_factory):
         "06_forgetting.ipynb": {"SMOKE": True, "OUT_DIR": str(work / "forgetting"), "SEEDS": [42, 43],
                                 "METHODS": ["lora", "dc", "single", "l2", "freeze_add"],
                                 "LAMBDAS": {"dc": [1.0]}, "N_TRAIN": 64, "N_EVAL": 32, "N_VAL": 16},
+        "07_rank_flexibility.ipynb": {"SMOKE": True, "OUT_DIR": str(work / "rank_flex"), "SEEDS": [42, 43],
+                                      "LAMBDAS_ORDER": [0.01], "REFERENCE_RANKS": [1, 4],
+                                      "N_TRAIN": 32, "N_EVAL": 16, "N_VAL": 8},
     }
     seconds, texts = {}, {}
     for name in NOTEBOOKS:
@@ -132,6 +136,17 @@ def test_forgetting_notebook_tables_and_plots_every_method_and_lambda(executed):
     text = executed["texts"]["06_forgetting.ipynb"]
     assert "after stage 2 (code)" in text and "dc_grad_norm" in text
     assert "lambda_star" in text  # the matched-gain table of the dc sweep
+
+
+def test_rank_flexibility_notebook_compares_every_method_with_the_references(executed):
+    out = executed["work"] / "rank_flex" / "imdb-yelp"
+    for name in ("lora", "dylora_nested", "matryoshka", "dylora", "dylora_lam0.01", "lora_r1", "lora_r4"):
+        assert (run_dir(out, name, 43) / "metrics.json").exists(), name
+    assert any(r["kind"] == "svd" for r in read_json(run_dir(out, "lora", 42) / "sweep.json"))
+    for figure in ("rank_flex_stage1_A.png", "rank_flex_final_B.png"):
+        assert (out / "images" / figure).exists()
+    text = executed["texts"]["07_rank_flexibility.ipynb"]
+    assert "aurac" in text and "lora_r<k>" in text
 
 
 def summary_lines(path: Path) -> list[str]:

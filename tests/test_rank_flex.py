@@ -38,8 +38,8 @@ def bench(tmp_path):
         for name, (r, test, val) in runs.items():
             d = tmp_path / name / f"seed{seed}"
             method = name.split("_lam")[0].split("_r")[0]
-            history = [{"stage": 1, "epoch": 1, "seconds": 1.0, "train_seconds": SECONDS[name] / 2},
-                       {"stage": 2, "epoch": 1, "seconds": 1.0, "train_seconds": SECONDS[name] / 2}]
+            history = [{"stage": 1, "epoch": 1, "seconds": 1.0, "train_seconds": SECONDS[name] * 3},  # a slowed epoch
+                       {"stage": 2, "epoch": 1, "seconds": 1.0, "train_seconds": SECONDS[name]}]
             write_fake_run(d, method, seed, metrics, history)
             write_json_atomic(d / "sweep.json", rows(r, test, "B") + rows(r, val, "B_val")
                               + rows(r, test, "A", "stage1") + rows(r, val, "A_val", "stage1"))
