@@ -59,7 +59,8 @@ def train_seconds(out: str | Path) -> dict[tuple[str, int], float]:
 
 def per_seed_shares(sweeps, adapter: str, domain: str, reference: str = "lora", key: str = "loss"):
     """{(run, kind, scaling): {seed: {rank: kept share}}} against the per-rank references, and
-    {seed: {rank: reference value}}; ranks are those of the references."""
+    {seed: {rank: reference value}}; ranks are those of the references, and only seeds whose
+    references are all finished count (a grid still running gives no half-compared seed)."""
     at = sweeps[(sweeps["adapter"] == adapter) & (sweeps["domain"] == domain)]
     own = at[at["rank"] == at["adapter_rank"]]
     refs = {}
@@ -69,7 +70,8 @@ def per_seed_shares(sweeps, adapter: str, domain: str, reference: str = "lora", 
             refs.setdefault(row.seed, {})[int(k)] = (getattr(row, key), row.base_loss if key == "loss" else row.base_acc)
     if not refs:
         raise ValueError(f"no reference runs {reference!r} / {reference}_r<k> swept on {adapter} {domain}")
-    ranks = sorted(set.intersection(*(set(r) for r in refs.values())))
+    ranks = sorted(set.union(*(set(r) for r in refs.values())))
+    refs = {seed: r for seed, r in refs.items() if set(r) == set(ranks)}  # seeds with every reference
     sign = 1.0 if key == "loss" else -1.0
     shares = {}
     for (run, kind, scaling), g in at.groupby(["run", "kind", "scaling"], sort=False):
