@@ -93,3 +93,16 @@ def test_table_command_prints_the_chosen_rows_and_writes_every_row(bench, capsys
     assert "lora trained at each rank, loss: r=1: 4.8000, r=2: 4.6000, r=4: 4.2000" in out
     written = pd.read_csv(bench / "rank_flex_final_B.csv")
     assert sorted(written["run"]) == ["dylora", "dylora_lam0.01", "lora", "matryoshka"]
+
+
+def test_a_seed_whose_references_are_unfinished_is_left_out(bench):
+    """A grid still running: seed 3 has lora and matryoshka but no lora_r1 / lora_r2 yet."""
+    import shutil
+
+    for name in ("lora", "matryoshka"):
+        shutil.copytree(bench / name / "seed1", bench / name / "seed3")
+        config = bench / name / "seed3" / "config.json"
+        config.write_text(config.read_text().replace('"seed": 1', '"seed": 3'))
+    table, ref = rank_flex_benchmark(bench, "final", "B")
+    assert (table["n_seeds"] == 2).all() and ref.loc[0, "n_seeds"] == 2
+    assert [c for c in table.columns if c.startswith("kept_") and c.count("_") == 1] == ["kept_1", "kept_2", "kept_4"]
