@@ -119,20 +119,24 @@ def plot_rank_sweep(sweeps, adapter: str = "final", domain: str = "B", svd_metho
             ax.errorbar(mean.index, mean.values, yerr=std.values, color=colors[run], capsize=2,
                         ls="--" if kind == "svd" else ("-" if runs.index(run) < 10 else ":"),
                         marker="o" if kind == "slice" else "x", ms=4, label=label)
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ranks = sorted(rows["rank"].unique())
-        ax.set_xticks(ranks, [str(r) for r in ranks])
-        ax.set_xlabel("rank kept (log2 axis; no retraining)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"eval loss on {domain} (nats / token)")
-    axes[1].set_ylabel(f"next-token accuracy on {domain}")
-    axes[1].legend(fontsize=7, loc="lower right")
+    _rank_axes(axes, sorted(rows["rank"].unique()), domain, "rank kept (log2 axis; no retraining)")
     n = rows.groupby("run")["seed"].nunique()
     fig.suptitle(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter cut to each rank, domain {domain} "
                  f"(mean ± s.d. over {n.min()}{'' if n.min() == n.max() else '-' + str(n.max())} seeds)")
     fig.tight_layout()
     return fig
+
+
+def _rank_axes(axes, ranks, domain: str, xlabel: str) -> None:
+    """Loss (left) and accuracy (right) axes over a log2 rank axis ticked at `ranks`."""
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"eval loss on {domain} (nats / token)")
+    axes[1].set_ylabel(f"next-token accuracy on {domain}")
+    axes[1].legend(fontsize=7, loc="lower right")
 
 
 def plot_rank_flex(out, adapter: str = "stage1", domain: str = "A", reference: str = "lora"):
@@ -158,14 +162,7 @@ def plot_rank_flex(out, adapter: str = "stage1", domain: str = "A", reference: s
         p = points[points["metric"] == col]
         ax.errorbar(p["rank"], p["mean"], yerr=[p["mean"] - p["lo"], p["hi"] - p["mean"]], fmt="s",
                     color="black", ms=6, capsize=3, label=f"{reference} trained at each rank (95 % CI)")
-        ax.set_xscale("log", base=2)
-        ranks = sorted(p["rank"].unique())
-        ax.set_xticks(ranks, [str(r) for r in ranks])
-        ax.set_xlabel("rank (log2 axis)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"eval loss on {domain} (nats / token)")
-    axes[1].set_ylabel(f"next-token accuracy on {domain}")
-    axes[1].legend(fontsize=7, loc="lower right")
+    _rank_axes(axes, sorted(points["rank"].unique()), domain, "rank (log2 axis)")
     fig.suptitle(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter on {domain}: one adapter cut "
                  f"to each rank against a LoRA trained at that rank ({int(table['n_seeds'].max())} seeds)")
     fig.tight_layout()
