@@ -19,6 +19,10 @@ CL_METHODS = ("single", "cumulative", "multitask", "replay", "l2", "ewc", "freez
 # Matryoshka-style nested weighting (every prefix trained at every step)
 METHOD_NAMES = PAPER_METHODS + ("dylora_nested", "hybrid_nested", "lora_small", "matryoshka",
                                 "hybrid_matryoshka") + CL_METHODS
+# + budgeted rank allocation across modules by importance (allocation.py)
+METHOD_NAMES += ("dynamic", "dynamic_protect")
+ALLOCATING_METHODS = ("dynamic", "dynamic_protect")
+IMPORTANCES = ("sensitivity", "fisher", "activation")  # importance.py
 DYLORA_DISTRIBUTIONS = ("uniform", "geometric")
 SWEEP_KINDS = ("slice", "svd")
 DATA_SOURCES = ("hub", "local", "builtin")
@@ -60,7 +64,8 @@ STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "r
 DC_VARIANTS = ("global", "per_module", "delta_w")
 PRESETS = ("paper", "smoke", "forgetting", "rank_flex")
 FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "lr", "weight_decay", "lambda_order", "lambda_dc",
-                "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "dylora_p")
+                "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "dylora_p",
+                "alloc_tinit", "alloc_tfinal", "alloc_beta1", "alloc_beta2")
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,15 @@ class ExperimentConfig:
     # Matryoshka weighting (methods *matryoshka): each step trains the mean of the rank-k
     # sub-adapters (first k components at alpha/k) for k in these ranks; () = 1, 2, 4, ... up to r
     matryoshka_ranks: tuple[int, ...] = ()
+    # budgeted allocation (methods dynamic*): every module starts at rank r; the budget falls to
+    # the parameters of uniform rank rank_schedule[-1] on AdaLoRA's cubic schedule; names after
+    # AdaLoraConfig's tinit / tfinal (here fractions of a stage's steps), deltaT, beta1, beta2
+    importance: str = "sensitivity"  # the estimator that ranks components: one of IMPORTANCES
+    alloc_tinit: float = 0.1    # share of a stage's steps before the budget starts to fall
+    alloc_tfinal: float = 0.2   # share of a stage's steps trained at the final allocation
+    alloc_delta_t: int = 5      # steps between re-allocations while the budget falls
+    alloc_beta1: float = 0.85   # EMA of the importance estimates
+    alloc_beta2: float = 0.85   # EMA of the sensitivity's uncertainty
     # post-hoc rank sweep of each run's Stage-1 and final adapters (ranks above an adapter's skipped)
     sweep_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     sweep_kinds: tuple[str, ...] = ("slice", "svd")  # slice: first k components; svd: best rank k
@@ -290,6 +304,23 @@ class ExperimentConfig:
         for kind in self.sweep_kinds:
             if kind not in SWEEP_KINDS:
                 raise bad("sweep_kinds", f"unknown kind {kind!r}; known: {SWEEP_KINDS}")
+        if self.importance not in IMPORTANCES:
+            raise bad("importance", f"must be one of {IMPORTANCES}")
+        for name in ("alloc_tinit", "alloc_tfinal"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise bad(name, "must be a share of a stage's steps in [0, 1)")
+        if self.alloc_tinit + self.alloc_tfinal >= 1.0:
+            raise bad("alloc_tfinal", f"alloc_tinit + alloc_tfinal = {self.alloc_tinit + self.alloc_tfinal} "
+                      "leaves no steps for the budget to fall; their sum must be below 1")
+        if not isinstance(self.alloc_delta_t, int) or self.alloc_delta_t < 1:
+            raise bad("alloc_delta_t", "must be a positive integer (steps)")
+        for name in ("alloc_beta1", "alloc_beta2"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise bad(name, "must be in (0, 1)")
+        allocating = [m for m in self.methods if m in ALLOCATING_METHODS]
+        if allocating and self.rank_schedule[-1] >= self.r:
+            raise bad("rank_schedule", f"methods {allocating} allocate a budget of uniform rank "
+                      f"rank_schedule[-1]={self.rank_schedule[-1]} out of r={self.r}: it must be below r")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise bad("mixed_precision", f"must be one of {MIXED_PRECISIONS}")
 

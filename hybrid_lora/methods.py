@@ -32,6 +32,9 @@ class Method:
     adapter: str = "continue"   # "continue" the adapter; "add": merge it into the base and add a
     #                             new one each stage (freeze-and-add); "reset": a new one each
     #                             stage from the base alone (each domain trained on its own)
+    allocation: str | None = None  # budgeted rank allocation across modules (allocation.py):
+    #                                "budget" re-allocates every stage, "protect" freezes what
+    #                                earlier stages kept and allocates the new stage elsewhere
 
     def lambdas(self, cfg: ExperimentConfig, stage: int) -> tuple[float, float]:
         """(lambda_order, lambda_dc) in force in `stage`; 0.0 where the term is off."""
@@ -79,7 +82,13 @@ class Method:
         """What of the method Stage 1 depends on: equal signatures (and configs) train the
         same Stage 1, so one run can reuse another's (`share_stage1`)."""
         nested = True if self.nested == "dylora" else self.nested  # True: DyLoRA in older keys
-        return (self.order, nested, self.small) + (("all",) if self.data == "all" else ())
+        return (self.order, nested, self.small) + (("all",) if self.data == "all" else ()) \
+            + ((self.allocation,) if self.allocation else ())
+
+    def reads_target_rank(self) -> bool:
+        """Whether Stage 1 already depends on the rank schedule's last rank (trained at it, or
+        allocating a budget of it)."""
+        return self.small or self.allocation is not None
 
 
 METHODS = {m.name: m for m in (
@@ -120,6 +129,13 @@ METHODS = {m.name: m for m in (
            "adapter per stage", adapter="add"),
     Method("olora", False, False, False, "freeze-and-add + lambda_olora * sum ||A_old A_new^T||_F^2 "
            "(O-LoRA)", penalty="olora", adapter="add"),
+    Method("dynamic", False, False, False, "budgeted allocation across modules: every module starts "
+           "at rank r; the parameter budget falls to that of uniform rank rank_schedule[-1] (AdaLoRA's "
+           "cubic schedule); components masked by one global threshold on importance; a later stage "
+           "revives the zeroed components and re-allocates all", allocation="budget"),
+    Method("dynamic_protect", False, False, False, "dynamic, but a later stage freezes the components "
+           "earlier stages kept and allocates its own budget among the revived ones only",
+           allocation="protect"),
 )}
 assert tuple(METHODS) == METHOD_NAMES, "config.METHOD_NAMES and the method table disagree"
 

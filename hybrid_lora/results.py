@@ -18,6 +18,12 @@ lambda sweep) with
                   like the adapters, not committed to the repository);
 - `adapter_stage<t>/` for t < T, `adapter_final/`: PEFT `save_pretrained` folders (for
                   freeze-and-add methods, each stage's own adapter).
+- `allocation.json` (allocating methods only) {"schema_version", "modules", "costs", "epochs":
+                  one entry per epoch {"stage", "epoch", "step", "ranks" (per module), "params"
+                  (of the kept trained components), "frozen_params", "budget" (the one the
+                  masks were fitted to: params <= budget), "importance": {estimator: per module the
+                  score of each rank component}}}; `allocated_stage<t>/`, `allocated_final/`:
+                  the adapters cut to their kept components (PEFT `rank_pattern`).
 `<out>/summary.csv` is rebuilt from all run folders (one row per run, SUMMARY_COLUMNS;
 `seconds` there is the sum of the epochs' train + eval time from history.json).
 """
@@ -41,6 +47,8 @@ HISTORY_KEYS = ("stage", "epoch", "rank", "train_ce", "train_order", "train_dc",
                 "penalty_grad_norm", "trainable_params", "seconds", "train_seconds")
 STAGE1_FILE = "stage1.json"            # Stage 1's key, history and evaluations (for sharing it)
 SEQUENCES_FILE = "eval_sequences.json"  # per-sequence sums behind every entry of R
+ALLOCATION_FILE = "allocation.json"     # per-epoch ranks and importance of allocating methods
+ALLOCATION_SCHEMA = 1
 EVAL_KEYS = ("A_base", "B_base", "A_after_stage1", "A_after_stage2", "B_after_stage2")
 DERIVED_KEYS = ("retention", "delta_loss_A", "gain_retained")
 # from sweep.json (`sweep_aucs`); NaN when not swept
@@ -57,6 +65,20 @@ VAL_KEYS = ("val_delta_loss_first", "val_new_gain")
 SUMMARY_COLUMNS = (("run", "method", "seed", "domains", "lambda", "variant")
                    + tuple(f"{k}_{m}" for k in EVAL_KEYS for m in ("loss", "acc"))
                    + DERIVED_KEYS + CL_KEYS + VAL_KEYS + SWEEP_KEYS + ("seconds",))
+
+
+def write_history(run: str | Path, rows: list[dict]) -> None:
+    """Write `run`'s history.json from per-epoch `rows`; their "allocation" entries (of
+    allocating methods) go to allocation.json instead."""
+    run = Path(run)
+    entries = [{"stage": h["stage"], "epoch": h["epoch"], **h["allocation"]} for h in rows if "allocation" in h]
+    write_json_atomic(run / "history.json", [{k: v for k, v in h.items() if k != "allocation"} for h in rows])
+    if entries:
+        first = entries[0]
+        write_json_atomic(run / ALLOCATION_FILE, {
+            "schema_version": ALLOCATION_SCHEMA, "modules": first["modules"], "costs": first["costs"],
+            "epochs": [{k: v for k, v in e.items() if k not in ("modules", "costs")} for e in entries]},
+            indent=None)
 
 
 def run_dir(out: str | Path, method: str, seed: int) -> Path:

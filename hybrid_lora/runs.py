@@ -22,18 +22,19 @@ import numpy as np
 import torch
 
 from .adapters import base_fingerprint, build_model, load_adapter, load_tokenizer, lora_factors
+from .allocation import save_allocated
 from .checkpoint import (CHECKPOINTS, checkpoint_position, clear_checkpoints, copy_dir, load_checkpoint,
                          run_lock, save_adapter, save_checkpoint)
 from .config import RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
 from .continual import adapter_dir, stage_model, stage_reference
 from .data import fingerprint, make_loaders, stage_train_set, train_loader
 from .evaluate import choose_amp_dtype, evaluate_loss_and_token_acc
-from .distributed import barrier, process_seed, setup, world
+from .distributed import barrier, is_main, process_seed, setup, world
 from .families import canonical_targets
 from .methods import Method, get_method
 from .ranks import sweep_run
 from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, run_dir, run_metrics,
-                      two_domain_evals, write_json_atomic)
+                      two_domain_evals, write_history, write_json_atomic)
 from .sweep_results import sweep_aucs, sweep_reference
 from .train import NonFiniteLoss, resolve_device, set_seed, train_stage
 
@@ -110,9 +111,12 @@ def stage1_key(cfg: ExperimentConfig, method: Method, seed: int, data: dict) -> 
     """Everything Stage 1 (and the evaluations after it) depends on; `data`: the fingerprint
     of each domain's data."""
     skip = set(STAGE2_FIELDS + RUN_INDEPENDENT_FIELDS)
-    return {"config": {k: v for k, v in cfg.to_dict().items() if k not in skip},
-            "method": list(method.stage1_signature()), "seed": seed, "schema_version": SCHEMA_VERSION,
-            "data": data}
+    key = {"config": {k: v for k, v in cfg.to_dict().items() if k not in skip},
+           "method": list(method.stage1_signature()), "seed": seed, "schema_version": SCHEMA_VERSION,
+           "data": data}
+    if method.reads_target_rank():  # its Stage 1 reads one of the Stage-2 fields
+        key["target_rank"] = cfg.rank_schedule[-1]
+    return key
 
 
 def _shared_stage1(out_dir: Path, rd: Path, key: dict) -> Path | None:
@@ -224,7 +228,7 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
 
     def checkpoint(model, pos, st, rows) -> None:
         done = [h for h in history if h["stage"] < pos[0]] + rows
-        write_json_atomic(rd / "history.json", done)  # live history, for plotting mid-run
+        write_history(rd, done)  # live history, for plotting mid-run
         save_checkpoint(rd, model, pos, st, {"history": done, "evals": evals, "val_evals": val_evals})
 
     def result(complete: bool) -> dict:
@@ -261,6 +265,8 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
             rows[-1].update(eval_loss=evals[-1][stage - 1]["loss"], eval_acc=evals[-1][stage - 1]["acc"])
         history[:] = [h for h in history if h["stage"] < stage] + rows
         save_adapter(model, adapter_dir(rd, stage, n_stages))
+        if m.allocation and is_main():  # the same adapter cut to its per-module ranks (rank_pattern)
+            save_allocated(model, rd / adapter_dir(rd, stage, n_stages).name.replace("adapter_", "allocated_"))
         barrier()  # the next stage's references and the sweep load it from disk
         if stage == 1:
             write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals,
@@ -286,7 +292,7 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
         sweep = sweep_run(rd, cfg, swept, cfg.sweep_ranks, kinds, device, amp_dtype, progress)
         metrics.update(sweep_aucs(sweep, *sweep_reference(sweep), r_max=max(cfg.r, *cfg.sweep_ranks)))
     # no timings in metrics.json: same seed, same file
-    write_json_atomic(rd / "history.json", history)
+    write_history(rd, history)
     write_json_atomic(rd / "metrics.json", metrics)  # written last: marks the run complete
     if not cfg.keep_checkpoints:
         clear_checkpoints(rd)

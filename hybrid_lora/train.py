@@ -4,6 +4,7 @@ stages into runs.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .adapters import (count_trainable_params, current_rank, flatten_factors, lora_factors,
                        rebuild_model_for_new_rank)
+from .allocation import allocating
 from .checkpoint import rng_state, set_rng_state
 from .config import ExperimentConfig
 from .continual import StageReference, regularizer_terms
@@ -194,102 +196,119 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             state["sums"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in sums.items()}
         if n_proc > 1:  # each process's dropout stream, to resume each exactly
             state["rng_per_process"] = gather_objects(rng_state())
+        if alloc is not None:  # masks, importance averages, schedule position
+            state["allocator"] = alloc.state_dict()
         checkpoint(model, position, state, rows)
 
     epochs = tqdm(ranks, desc=f"stage {stage} ({method.name})", unit="epoch", disable=not progress,
                   initial=start_epoch - 1)
-    for epoch, rank in enumerate(ranks, 1):
-        if epoch < start_epoch:
-            continue
-        if rank != current_rank(model):
-            model = rebuild_model_for_new_rank(model, rank, cfg, scaling=rebuild_scaling)
-            optimizer = make_optimizer(model, cfg)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        # Done once per (re)build, not per step: the live factor list and the frozen
-        # previous-stage vectors cut to the current rank (so elements line up: defect 4).
-        factors = [(a, b) for _, a, b, _ in lora_factors(model)]
-        scalings = [s for *_, s in lora_factors(model)]
-        w_prev = flatten_factors(cos_ref.factors, rank) if cos_ref is not None else None
-        terms = regularizer_terms(cfg, method, stage, factors, rank, reference, scalings)
-        skip = start_step if epoch == start_epoch else 0
-        sums = _zero_sums(device)
-        if skip and saved_sums is not None:
-            sums = {k: v.to(device) if torch.is_tensor(v) else v for k, v in saved_sums.items()}
-        train_loader.sampler.set_epoch(stage, epoch, skip * train_loader.batch_size)
-        n_batches, step = skip + len(train_loader), skip
-        guard = FiniteGuard(device, stage, epoch)
-        start = time.perf_counter() - sums["seconds"]
-        with nested_training(model, cfg, method.nested) as nest:
-            model.train()
-            batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
-                           disable=not progress, initial=skip, total=n_batches)
-            for batch in batches:
-                if nest is not None:  # DyLoRA: this step trains rank b only; Matryoshka: all prefixes
-                    nest.begin(nest.next_rank())
-                optimizer.zero_grad(set_to_none=True)
-                ce_step, loss = _cross_entropy(model, batch, cfg, device, amp_dtype, scaler, sums)
-                # The regularizers join the last micro-batch's loss: once per optimizer step,
-                # with weight 1/world on each process (their gradients are summed).
-                parts = {"ce": ce_step}
-                if lam_order:
-                    parts["order"] = lam_order * ordering_penalty(factors)
-                    sums["order"] += parts["order"].detach()
-                for name, term in terms.items():  # "dc", "penalty"
-                    parts[name] = term()
-                    sums[name] += parts[name].detach()
-                for name in list(parts)[1:]:
-                    loss = parts[name] / n_proc if loss is None else loss + parts[name] / n_proc
-                guard.record(step, sum(parts.values()), parts)
-                if loss is not None:
-                    scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
-                all_reduce_grads(params)
-                scaler.step(optimizer)
-                scaler.update()
+    steps_per_epoch = math.ceil(train_loader.sampler.length / train_loader.batch_size)
+    alloc_state = resume["state"].get("allocator") if resume is not None else None
+    with allocating(model, cfg, method.allocation, stage, len(ranks) * steps_per_epoch, alloc_state) as alloc:
+        for epoch, rank in enumerate(ranks, 1):
+            if epoch < start_epoch:
+                continue
+            if rank != current_rank(model):
+                model = rebuild_model_for_new_rank(model, rank, cfg, scaling=rebuild_scaling)
+                optimizer = make_optimizer(model, cfg)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if cfg.gradient_checkpointing:
+                enable_gradient_checkpointing(model)
+            # Done once per (re)build, not per step: the live factor list and the frozen
+            # previous-stage vectors cut to the current rank (so elements line up: defect 4).
+            factors = [(a, b) for _, a, b, _ in lora_factors(model)]
+            scalings = [s for *_, s in lora_factors(model)]
+            w_prev = flatten_factors(cos_ref.factors, rank) if cos_ref is not None else None
+            terms = regularizer_terms(cfg, method, stage, factors, rank, reference, scalings)
+            skip = start_step if epoch == start_epoch else 0
+            sums = _zero_sums(device)
+            if skip and saved_sums is not None:
+                sums = {k: v.to(device) if torch.is_tensor(v) else v for k, v in saved_sums.items()}
+            train_loader.sampler.set_epoch(stage, epoch, skip * train_loader.batch_size)
+            n_batches, step = skip + len(train_loader), skip
+            guard = FiniteGuard(device, stage, epoch)
+            start = time.perf_counter() - sums["seconds"]
+            with nested_training(model, cfg, method.nested) as nest:
+                model.train()
+                batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
+                               disable=not progress, initial=skip, total=n_batches)
+                for batch in batches:
+                    if nest is not None:  # DyLoRA: this step trains rank b only; Matryoshka: all prefixes
+                        nest.begin(nest.next_rank())
+                    if alloc is not None:
+                        alloc.before_step()
+                    optimizer.zero_grad(set_to_none=True)
+                    ce_step, loss = _cross_entropy(model, batch, cfg, device, amp_dtype, scaler, sums)
+                    # The regularizers join the last micro-batch's loss: once per optimizer step,
+                    # with weight 1/world on each process (their gradients are summed).
+                    parts = {"ce": ce_step}
+                    if lam_order:
+                        parts["order"] = lam_order * ordering_penalty(factors)
+                        sums["order"] += parts["order"].detach()
+                    for name, term in terms.items():  # "dc", "penalty"
+                        parts[name] = term()
+                        sums[name] += parts[name].detach()
+                    for name in list(parts)[1:]:
+                        loss = parts[name] / n_proc if loss is None else loss + parts[name] / n_proc
+                    guard.record(step, sum(parts.values()), parts)
+                    if loss is not None:
+                        scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
+                    all_reduce_grads(params)
+                    if alloc is not None:  # importance from this step's gradients, unscaled
+                        if scaler.is_enabled():
+                            scaler.unscale_(optimizer)
+                        alloc.observe()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if nest is not None:
+                        nest.end()
+                    if alloc is not None:
+                        alloc.after_step()
+                    sums["steps"] += 1
+                    step += 1
+                    if step % guard.every == 0:
+                        guard.check()
+                    if progress and step % 20 == 0:  # .item() syncs the device: only now and then
+                        batches.set_postfix(ce=f"{(sums['ce'] / sums['tokens']).item():.3f}")
+                    if checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                            and step < n_batches:
+                        sums["seconds"] = time.perf_counter() - start
+                        guard.check()  # never checkpoint past a non-finite step
+                        save(model, (stage, epoch, step), sums)
+                guard.check()
                 if nest is not None:
-                    nest.end()
-                sums["steps"] += 1
-                step += 1
-                if step % guard.every == 0:
-                    guard.check()
-                if progress and step % 20 == 0:  # .item() syncs the device: only now and then
-                    batches.set_postfix(ce=f"{(sums['ce'] / sums['tokens']).item():.3f}")
-                if checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
-                        and step < n_batches:
-                    sums["seconds"] = time.perf_counter() - start
-                    guard.check()  # never checkpoint past a non-finite step
-                    save(model, (stage, epoch, step), sums)
-            guard.check()
-            if nest is not None:
-                nest.full()
-            train_seconds = time.perf_counter() - start  # the steps (and checkpoints), no evaluation
-            last = epoch == len(ranks) and not evaluate_last
-            ev = {"loss": None, "acc": None} if last else evaluate_loss_and_token_acc(model, eval_loader, amp_dtype)
-        cos = None
-        if w_prev is not None:
-            with torch.no_grad():
-                cos = torch.nn.functional.cosine_similarity(
-                    w_prev, flatten_factors(factors), dim=0).item()
-        steps = max(sums["steps"], 1)
-        sums["ce"], sums["tokens"] = all_reduce(sums["ce"]), all_reduce(sums["tokens"])  # all processes' rows
-        dc_end, dc_grad = _probe(terms["dc"], factors) if "dc" in terms else (None, None)
-        pen_end, pen_grad = _probe(terms["penalty"], factors) if "penalty" in terms else (None, None)
-        rows.append({
-            "stage": stage, "epoch": epoch, "rank": rank,
-            "train_ce": (sums["ce"] / sums["tokens"].clamp(min=1)).item(),
-            "train_order": sums["order"].item() / steps, "train_dc": sums["dc"].item() / steps,
-            "train_penalty": sums["penalty"].item() / steps,
-            "eval_loss": ev["loss"], "eval_acc": ev["acc"], "cos_to_stage1": cos,
-            "dc_end": dc_end, "dc_grad_norm": dc_grad,
-            "penalty_end": pen_end, "penalty_grad_norm": pen_grad,
-            "trainable_params": count_trainable_params(model),
-            "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
-        })
-        epochs.update()
-        if ev["loss"] is not None:
-            epochs.set_postfix(eval_loss=f"{ev['loss']:.3f}", eval_acc=f"{ev['acc']:.3f}")
-        if checkpoint:
-            save(model, (stage, epoch + 1, 0))
+                    nest.full()
+                train_seconds = time.perf_counter() - start  # the steps (and checkpoints), no evaluation
+                last = epoch == len(ranks) and not evaluate_last
+                ev = {"loss": None, "acc": None} if last else evaluate_loss_and_token_acc(model, eval_loader, amp_dtype)
+            cos = None
+            if w_prev is not None:
+                with torch.no_grad():
+                    cos = torch.nn.functional.cosine_similarity(
+                        w_prev, flatten_factors(factors), dim=0).item()
+            steps = max(sums["steps"], 1)
+            sums["ce"], sums["tokens"] = all_reduce(sums["ce"]), all_reduce(sums["tokens"])  # all processes' rows
+            dc_end, dc_grad = _probe(terms["dc"], factors) if "dc" in terms else (None, None)
+            pen_end, pen_grad = _probe(terms["penalty"], factors) if "penalty" in terms else (None, None)
+            rows.append({
+                "stage": stage, "epoch": epoch, "rank": rank,
+                "train_ce": (sums["ce"] / sums["tokens"].clamp(min=1)).item(),
+                "train_order": sums["order"].item() / steps, "train_dc": sums["dc"].item() / steps,
+                "train_penalty": sums["penalty"].item() / steps,
+                "eval_loss": ev["loss"], "eval_acc": ev["acc"], "cos_to_stage1": cos,
+                "dc_end": dc_end, "dc_grad_norm": dc_grad,
+                "penalty_end": pen_end, "penalty_grad_norm": pen_grad,
+                "trainable_params": count_trainable_params(model),
+                "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
+            })
+            if alloc is not None:  # kept apart from history.json in allocation.json (runs.py)
+                rows[-1]["allocation"] = alloc.log()
+                if epoch == len(ranks):  # before the checkpoint: evaluation and saving need no hooks
+                    alloc.finalize()
+            epochs.update()
+            if ev["loss"] is not None:
+                epochs.set_postfix(eval_loss=f"{ev['loss']:.3f}", eval_acc=f"{ev['acc']:.3f}")
+            if checkpoint:
+                save(model, (stage, epoch + 1, 0))
     epochs.close()
     return model, rows

@@ -42,7 +42,8 @@ def count_training_steps(monkeypatch, stop_at: int | None = None) -> list[int]:
 def finished_files(out, method: str, seed: int = 42) -> dict:
     rd = run_dir(out, method, seed)
     history = [{k: v for k, v in row.items() if k not in ("seconds", "train_seconds")} for row in read_json(rd / "history.json")]
-    return {"metrics": (rd / "metrics.json").read_bytes(), "history": history,
+    allocation = (rd / "allocation.json").read_bytes() if (rd / "allocation.json").exists() else None
+    return {"metrics": (rd / "metrics.json").read_bytes(), "history": history, "allocation": allocation,
             "adapter": (rd / "adapter_final" / "adapter_model.safetensors").read_bytes(),
             "stage1": (rd / "adapter_stage1" / "adapter_model.safetensors").read_bytes()}
 
@@ -50,7 +51,8 @@ def finished_files(out, method: str, seed: int = 42) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    methods = ("hybrid", "lora", "hybrid_nested", "freeze_add", "ewc", "olora", "hybrid_matryoshka")
+    methods = ("hybrid", "lora", "hybrid_nested", "freeze_add", "ewc", "olora", "hybrid_matryoshka",
+               "dynamic", "dynamic_protect")
     for method in methods:
         run_experiment(config(), method, 42, out, progress=False)
     return {m: finished_files(out, m) for m in methods}
@@ -68,6 +70,8 @@ CASES = [
     ("ewc", [11], [2, 2, 2]),          # the Fisher is rebuilt from the saved Stage-1 adapter
     ("olora", [6], [2, 1, 0]),         # at the boundary: Stage 2 starts again from its own seed
     ("hybrid_matryoshka", [11], [2, 2, 2]),  # Matryoshka weights of the new rank, DC, after a cut
+    ("dynamic", [11], [2, 2, 2]),      # masks, importance averages and schedule position restored
+    ("dynamic_protect", [7], [2, 1, 2]),  # revived and frozen components: not revived twice
 ]
 
 

@@ -1,0 +1,256 @@
+"""Budgeted rank allocation across modules (methods `dynamic`, `dynamic_protect`; after Dynamic
+LoRA's layer-importance reallocation, with AdaLoRA's schedule).
+
+Every module starts at rank r (cfg.r). Component i of module m (row i of A, column i of B)
+costs in_m + out_m parameters. In each stage the budget, in parameters, falls from the whole
+trainable adapter B_0 to B_T, the parameters of uniform rank r_T = `target_rank(cfg)` (the
+rank schedule's last rank) on every module, along AdaLoRA's cubic schedule over the stage's
+T optimizer steps: B_0 for t <= t_init, then B_T + (B_0 - B_T) (1 - (t - t_init) / (T - t_final
+- t_init))^3, recomputing the masks every `alloc_delta_t` steps, and B_T from t = T - t_final on
+(the final masks are taken there). A mask keeps the components above one global threshold on
+importance (`importance.py`, estimator cfg.importance): components sorted by importance, best
+first, kept while their running cost fits the budget, so the budget is never exceeded.
+
+Masked components are multiplied by 0 in the forward pass (a hook on lora_A's output) and keep
+their weights exactly (put back after each optimizer step, as Adam's momentum and weight decay
+would move them), so one may come back when its importance rises. At the end of a stage the
+masked components are zeroed in the weights: the adapter then computes the masked function
+without hooks and saves as a rank-r PEFT adapter; `save_allocated` writes the compact one with
+PEFT's `rank_pattern`. A later stage first gives the zeroed components a fresh A row (PEFT's init)
+and a zero B column (`revive`); `dynamic` re-allocates them all, `dynamic_protect` freezes the
+components earlier stages kept (they are not trained and do not count against the new budget).
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .adapters import ADAPTER, lora_layers
+from .config import ExperimentConfig
+from .distributed import all_reduce
+from .importance import IMPORTANCES, Importance, input_variance
+
+
+def target_rank(cfg: ExperimentConfig) -> int:
+    """r_T: the per-module rank whose uniform adapter sets the budget (rank_schedule[-1])."""
+    return cfg.rank_schedule[-1]
+
+
+def module_name(name: str) -> str:
+    """A LoRA module's name in the base model (PEFT's wrapper prefix removed)."""
+    return name.removeprefix("base_model.model.")
+
+
+def schedule_steps(cfg: ExperimentConfig, total: int) -> tuple[int, int]:
+    """(t_init, t_final) in steps of a stage of `total` steps; ValueError when no step is left
+    for budgeting."""
+    t_init, t_final = math.floor(cfg.alloc_tinit * total), math.floor(cfg.alloc_tfinal * total)
+    if total - t_final <= t_init:
+        raise ValueError(f"alloc_tinit={cfg.alloc_tinit}, alloc_tfinal={cfg.alloc_tfinal}: a stage of "
+                         f"{total} steps leaves no step for budgeting; lower them or train longer")
+    return t_init, t_final
+
+
+def budget_at(t: int, total: int, t_init: int, t_final: int, b0: int, b_target: int,
+              delta_t: int) -> tuple[int, bool]:
+    """(the budget after step t (1-based) of `total`, whether the masks are recomputed there)."""
+    if t <= t_init:
+        return b0, False
+    if t >= total - t_final:
+        return b_target, t == total - t_final
+    frac = 1 - (t - t_init) / (total - t_final - t_init)
+    return int(b_target + (b0 - b_target) * frac**3), (t - t_init) % delta_t == 0
+
+
+def mask_to_budget(scores, costs, budget: int, fixed=None) -> list[torch.Tensor]:
+    """Per module a bool [r] of kept components: `fixed` ones (bool [r] per module) always, outside
+    the budget; of the others the best by `scores` ([r] per module) while their summed `costs`
+    (parameters per component of each module) stay <= `budget`. Ties keep module order."""
+    sizes = [len(s) for s in scores]
+    flat = torch.nan_to_num(torch.cat([s.detach().float().cpu() for s in scores]), nan=-math.inf)
+    cost = torch.cat([torch.full((n,), c, dtype=torch.long) for n, c in zip(sizes, costs)])
+    keep = torch.cat([f.cpu() for f in fixed]) if fixed is not None else torch.zeros(len(flat), dtype=torch.bool)
+    free = torch.nonzero(~keep).flatten()
+    order = free[torch.argsort(flat[free], descending=True, stable=True)]
+    keep[order[torch.cumsum(cost[order], 0) <= budget]] = True  # a prefix: costs are positive
+    return list(keep.split(sizes))
+
+
+@torch.no_grad()
+def revive(model) -> list[torch.Tensor]:
+    """Give every zeroed component (A row and B column all zero: masked in an earlier stage) a
+    fresh A row, uniform on +-1/sqrt(in) (PEFT's kaiming init), drawn from the global RNG, and a
+    zero B column. Returns per module the bool [r] of revived components."""
+    revived = []
+    for _, mod in lora_layers(model):
+        a, b = mod.lora_A[ADAPTER].weight, mod.lora_B[ADAPTER].weight
+        dead = (a == 0).all(1) & (b == 0).all(0)                      # [r]
+        bound = 1 / math.sqrt(a.shape[1])
+        fresh = (torch.rand(a.shape, dtype=a.dtype) * 2 - 1) * bound  # [r, in], CPU RNG
+        a.copy_(torch.where(dead[:, None], fresh.to(a.device), a))
+        revived.append(dead.cpu())
+    return revived
+
+
+class Allocator:
+    """The allocation of one stage of `total` optimizer steps on `model` (one rank r), with
+    `frozen` components (bool [r] per module) left out of training and of the budget. The train
+    loop calls `before_step`, then `observe` after backward (gradients unscaled), `after_step`
+    after the optimizer step; `log` at each epoch's end; `finalize` at the stage's end."""
+
+    def __init__(self, model, cfg: ExperimentConfig, total: int, frozen=None):
+        layers = lora_layers(model)
+        self.names = [module_name(n) for n, _ in layers]
+        self.factors = [(m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight) for _, m in layers]
+        r = self.factors[0][0].shape[0]
+        device = self.factors[0][0].device
+        self.costs = [a.shape[1] + b.shape[0] for a, b in self.factors]
+        self.frozen = [f.cpu().clone() for f in frozen] if frozen is not None else \
+            [torch.zeros(r, dtype=torch.bool) for _ in layers]
+        self.masks = [torch.ones(r, dtype=torch.bool) for _ in layers]
+        self.on = [torch.ones(r, device=device) for _ in layers]  # the hooks' multipliers
+        self.importance = Importance(self.factors, [m.scaling[ADAPTER] for _, m in layers],
+                                     cfg.alloc_beta1, cfg.alloc_beta2)
+        self.kind, self.delta_t, self.total = cfg.importance, cfg.alloc_delta_t, total
+        self.t_init, self.t_final = schedule_steps(cfg, total)
+        self.b0 = self._trainable_params()
+        self.b_target = sum(c * target_rank(cfg) for c in self.costs)
+        self.t, self.budget = 0, self.b0
+        self.var_sum = torch.zeros(len(layers), device=device)
+        self.var_n = torch.zeros((), device=device)
+        self.live = [p.detach() for ab in self.factors for p in ab]
+        self.before = [p.clone() for p in self.live]
+        self.hooks = []
+        for i, (_, mod) in enumerate(layers):
+            self.hooks.append(mod.register_forward_pre_hook(lambda m, args, i=i: self._see(m, args[0], i)))
+            self.hooks.append(mod.lora_A[ADAPTER].register_forward_hook(
+                lambda _m, _inp, out, i=i: out * self.on[i]))
+
+    def _trainable_params(self) -> int:
+        """B_0: the parameters of every component that is not frozen."""
+        return sum(c * int((~f).sum()) for c, f in zip(self.costs, self.frozen))
+
+    def _see(self, mod, x, i: int) -> None:
+        if mod.training and torch.is_grad_enabled():  # training steps only, not evaluation
+            self.var_sum[i] += input_variance(x)
+            if i == 0:
+                self.var_n += 1
+
+    def before_step(self) -> None:
+        torch._foreach_copy_(self.before, self.live)
+
+    def observe(self) -> None:
+        """Take this step's gradients and input variances into the importance averages."""
+        var = all_reduce(self.var_sum) / all_reduce(self.var_n).clamp(min=1)
+        self.importance.observe(var)
+        self.var_sum.zero_(), self.var_n.zero_()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Put back masked and frozen components; advance the schedule, re-masking on it."""
+        for i, (a, b) in enumerate(self.factors):
+            train = (self.masks[i] & ~self.frozen[i]).to(a.device)
+            a.copy_(torch.where(train[:, None], a, self.before[2 * i]))
+            b.copy_(torch.where(train[None, :], b, self.before[2 * i + 1]))
+        self.t += 1
+        budget, remask = budget_at(self.t, self.total, self.t_init, self.t_final, self.b0,
+                                   self.b_target, self.delta_t)
+        if remask:
+            self.budget = budget
+            self.masks = mask_to_budget(self.importance.scores(self.kind), self.costs, self.budget, self.frozen)
+            for on, m in zip(self.on, self.masks):
+                on.copy_(m)
+
+    def params(self, frozen: bool = False) -> int:
+        """Parameters of the kept components that train (`frozen=True`: of the frozen ones)."""
+        return sum(c * int((m & (f if frozen else ~f)).sum())
+                   for c, m, f in zip(self.costs, self.masks, self.frozen))
+
+    def log(self) -> dict:
+        """This moment's allocation: per-module ranks (frozen components included), parameters of
+        the kept trained components and of the frozen ones, the budget the masks were fitted to
+        (params <= budget), and every estimator's per-component scores (lists per module)."""
+        return {"modules": self.names, "costs": self.costs, "ranks": [int(m.sum()) for m in self.masks],
+                "params": self.params(), "frozen_params": self.params(frozen=True), "budget": self.budget,
+                "step": self.t,
+                "importance": {k: [s.tolist() for s in self.importance.scores(k)] for k in IMPORTANCES}}
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Zero the masked components in the weights (the adapter then needs no hooks)."""
+        for (a, b), m in zip(self.factors, self.masks):
+            m = m.to(a.device)
+            a.mul_(m[:, None]), b.mul_(m[None, :])
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "budget": self.budget, "masks": torch.stack(self.masks),
+                "frozen": torch.stack(self.frozen), "importance": self.importance.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t, self.budget = state["t"], state["budget"]
+        self.masks, self.frozen = list(state["masks"].clone()), list(state["frozen"].clone())
+        self.b0 = self._trainable_params()
+        self.importance.load_state_dict(state["importance"])
+        for on, m in zip(self.on, self.masks):
+            on.copy_(m)
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+@contextmanager
+def allocating(model, cfg: ExperimentConfig, mode: str | None, stage: int, total: int,
+               state: dict | None = None):
+    """Yield the `Allocator` of `mode` ("budget": `dynamic`, "protect": `dynamic_protect`) for a
+    stage of `total` steps, or None when `mode` is None. A fresh stage >= 2 first revives the
+    components zeroed before (`protect` freezes the others); `state` (a checkpoint's) resumes."""
+    if mode is None:
+        yield None
+        return
+    if mode not in ("budget", "protect"):
+        raise ValueError(f"allocation {mode!r}: must be 'budget' or 'protect'")
+    frozen = None
+    if state is None and stage > 1:
+        revived = revive(model)
+        frozen = [~r for r in revived] if mode == "protect" else None
+    alloc = Allocator(model, cfg, total, frozen)
+    if state is not None:
+        alloc.load_state_dict(state)
+    try:
+        yield alloc
+    finally:
+        alloc.close()
+
+
+def save_allocated(model, path: str | Path) -> Path:
+    """Save `model`'s adapter cut to its live components (A row and B column not all zero) as a
+    PEFT adapter: per-module `rank_pattern`, `alpha_pattern` keeping each component's scaling,
+    modules with no component left out of `target_modules`. `PeftModel.from_pretrained` loads it."""
+    from safetensors.torch import save_file
+
+    peft_cfg = model.peft_config[ADAPTER]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors, ranks, alphas = {}, {}, {}
+    for name, mod in lora_layers(model):
+        a, b = mod.lora_A[ADAPTER].weight.detach(), mod.lora_B[ADAPTER].weight.detach()
+        live = ~((a == 0).all(1) & (b == 0).all(0))  # [r]
+        k = int(live.sum())
+        if k == 0:
+            continue
+        ranks[module_name(name)] = k
+        alphas[module_name(name)] = mod.scaling[ADAPTER] * k  # alpha_k / k = the trained scaling
+        tensors[f"{name}.lora_A.weight"] = a[live].contiguous().cpu()
+        tensors[f"{name}.lora_B.weight"] = b[:, live].contiguous().cpu()
+    config = peft_cfg.to_dict()
+    config.update(target_modules=sorted(ranks), rank_pattern=ranks, alpha_pattern=alphas,
+                  r=max(ranks.values(), default=1))
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+    save_file(tensors, path / "adapter_model.safetensors")
+    return path
