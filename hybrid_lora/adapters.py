@@ -2,7 +2,9 @@
 
 Conventions (PEFT's): in every LoRA module, A = `lora_A.weight` has shape [r, in] and
 B = `lora_B.weight` has shape [out, r]; delta W = scaling * B @ A with scaling = alpha / r.
-Rank component i is row i of A and column i of B. Modules are always visited in
+Rank component i is row i of A and column i of B. PEFT's AdaLoRA layers (method `adalora`)
+hold A = `lora_A` [r, in] and B = `lora_B` [out, r] as parameters, with delta W = s B diag(E) A,
+E = `lora_E` [r, 1] its singular values and s = alpha / r. Modules are always visited in
 `model.named_modules()` order (for GPT-2: layer 0, 1, ...), which fixes the layout of
 every flattened vector: for each module, A[:k] row-major, then B[:, :k] row-major.
 """
@@ -15,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from .config import TINY_MODELS, ExperimentConfig
@@ -134,33 +136,76 @@ def lora_config(cfg: ExperimentConfig, base: nn.Module, r: int | None = None,
                       task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out(base, targets))
 
 
-def attach_lora(cfg: ExperimentConfig, base: nn.Module, r: int | None = None) -> nn.Module:
-    """`base` with a new rank-`r` (default cfg.r) LoRA; only the LoRA weights are trainable."""
+def adalora_config(cfg: ExperimentConfig, base: nn.Module) -> AdaLoraConfig:
+    """PEFT's AdaLoraConfig from rank cfg.r to the budget of uniform rank rank_schedule[-1]
+    (`target_r`), with cfg's estimator averages. Its schedule in steps (total_step, tinit,
+    tfinal, deltaT) is set for each stage by `adalora.AdaLoraStep`; placeholders here."""
+    targets = resolve_target_modules(cfg, base)
+    return AdaLoraConfig(init_r=cfg.r, target_r=cfg.rank_schedule[-1], lora_alpha=cfg.lora_alpha,
+                         lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
+                         fan_in_fan_out=fan_in_fan_out(base, targets), beta1=cfg.alloc_beta1,
+                         beta2=cfg.alloc_beta2, orth_reg_weight=cfg.orth_reg_weight,
+                         total_step=1, tinit=0, tfinal=0, deltaT=cfg.alloc_delta_t)
+
+
+def attach_lora(cfg: ExperimentConfig, base: nn.Module, r: int | None = None,
+                adalora: bool = False) -> nn.Module:
+    """`base` with a new rank-`r` (default cfg.r) LoRA (`adalora`: PEFT's AdaLoRA at rank cfg.r);
+    only the adapter weights are trainable."""
     with _quiet_peft():
-        return get_peft_model(base, lora_config(cfg, base, r=r))
+        return get_peft_model(base, adalora_config(cfg, base) if adalora else lora_config(cfg, base, r=r))
 
 
-def build_model(cfg: ExperimentConfig, device: torch.device | str = "cpu", r: int | None = None):
-    """(PEFT model with LoRA (rank `r`, default cfg.r) attached and only LoRA trainable,
-    tokenizer), on `device`."""
+def build_model(cfg: ExperimentConfig, device: torch.device | str = "cpu", r: int | None = None,
+                adalora: bool = False):
+    """(PEFT model with LoRA (rank `r`, default cfg.r; `adalora`: AdaLoRA) attached and only
+    the adapter trainable, tokenizer), on `device`."""
     tok = load_tokenizer(cfg)
-    return attach_lora(cfg, build_base_model(cfg, vocab_size=len(tok)), r=r).to(device), tok
+    return attach_lora(cfg, build_base_model(cfg, vocab_size=len(tok)), r=r, adalora=adalora).to(device), tok
+
+
+def is_adalora(model: nn.Module) -> bool:
+    """Whether `model`'s adapter is PEFT's AdaLoRA."""
+    return isinstance(getattr(model, "peft_config", {}).get(ADAPTER), AdaLoraConfig)
+
+
+@contextmanager
+def full_rank(model: nn.Module):
+    """Inside the block an AdaLoRA model saves every component (masked ones have E = 0), not
+    only those of its `rank_pattern`: checkpoints and stage adapters continue training exactly
+    from such a save. Other models are untouched."""
+    if not is_adalora(model):
+        yield
+        return
+    config = model.peft_config[ADAPTER]
+    pattern, config.rank_pattern = config.rank_pattern, None
+    try:
+        yield
+    finally:
+        config.rank_pattern = pattern
 
 
 # ----------------------------------------------------------------------- factors
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """[(module name, PEFT LoRA layer)] in model order."""
     out = [(name, mod) for name, mod in model.named_modules()
-           if isinstance(getattr(mod, "lora_A", None), nn.ModuleDict) and ADAPTER in mod.lora_A]
+           if isinstance(getattr(mod, "lora_A", None), (nn.ModuleDict, nn.ParameterDict)) and ADAPTER in mod.lora_A]
     if not out:
         raise ValueError("model has no LoRA modules (expected a PEFT LoRA model)")
     return out
 
 
 def lora_factors(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
-    """[(module name, A [r, in], B [out, r], scaling)] of every LoRA module, live parameters."""
-    return [(name, mod.lora_A[ADAPTER].weight, mod.lora_B[ADAPTER].weight, mod.scaling[ADAPTER])
-            for name, mod in lora_layers(model)]
+    """[(module name, A [r, in], B [out, r], scaling)] of every LoRA module, live parameters
+    (AdaLoRA: its A and B without E, scaling alpha / r)."""
+    out = []
+    for name, mod in lora_layers(model):
+        a, b = mod.lora_A[ADAPTER], mod.lora_B[ADAPTER]
+        if isinstance(a, nn.Parameter):  # AdaLoRA: scaling[ADAPTER] is alpha, divided by ranknum
+            out.append((name, a, b, mod.scaling[ADAPTER] / float(mod.ranknum[ADAPTER])))
+        else:
+            out.append((name, a.weight, b.weight, mod.scaling[ADAPTER]))
+    return out
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import ADAPTER, lora_layers
+from .adapters import ADAPTER, is_adalora, lora_layers
 from .config import ExperimentConfig
 from .distributed import all_reduce
 from .importance import IMPORTANCES, Importance, input_variance
@@ -206,19 +206,25 @@ class Allocator:
 @contextmanager
 def allocating(model, cfg: ExperimentConfig, mode: str | None, stage: int, total: int,
                state: dict | None = None):
-    """Yield the `Allocator` of `mode` ("budget": `dynamic`, "protect": `dynamic_protect`) for a
-    stage of `total` steps, or None when `mode` is None. A fresh stage >= 2 first revives the
-    components zeroed before (`protect` freezes the others); `state` (a checkpoint's) resumes."""
+    """Yield the `Allocator` of `mode` ("budget": `dynamic`, "protect": `dynamic_protect`;
+    "adalora": `adalora.AdaLoraStep`) for a stage of `total` steps, or None when `mode` is None.
+    A fresh stage >= 2 first revives the components zeroed before (`protect` freezes the
+    others); `state` (a checkpoint's) resumes."""
     if mode is None:
         yield None
         return
-    if mode not in ("budget", "protect"):
-        raise ValueError(f"allocation {mode!r}: must be 'budget' or 'protect'")
-    frozen = None
-    if state is None and stage > 1:
-        revived = revive(model)
-        frozen = [~r for r in revived] if mode == "protect" else None
-    alloc = Allocator(model, cfg, total, frozen)
+    if mode not in ("budget", "protect", "adalora"):
+        raise ValueError(f"allocation {mode!r}: must be 'budget', 'protect' or 'adalora'")
+    if mode == "adalora":
+        from .adalora import AdaLoraStep  # it builds on this module's schedule
+
+        alloc = AdaLoraStep(model, cfg, total)
+    else:
+        frozen = None
+        if state is None and stage > 1:
+            revived = revive(model)
+            frozen = [~r for r in revived] if mode == "protect" else None
+        alloc = Allocator(model, cfg, total, frozen)
     if state is not None:
         alloc.load_state_dict(state)
     try:
@@ -235,6 +241,9 @@ def save_allocated(model, path: str | Path) -> Path:
 
     peft_cfg = model.peft_config[ADAPTER]
     path = Path(path)
+    if is_adalora(model):  # PEFT's own save cuts AdaLoRA to its rank_pattern
+        model.save_pretrained(str(path))
+        return path
     path.mkdir(parents=True, exist_ok=True)
     tensors, ranks, alphas = {}, {}, {}
     for name, mod in lora_layers(model):

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapters import load_adapter
+from .adapters import full_rank, load_adapter
 from .config import ExperimentConfig
 from .distributed import broadcast, is_main
 from .results import read_json, write_json_atomic
@@ -126,13 +126,15 @@ def replace_dir(tmp: Path, path: Path) -> None:
 
 
 def save_adapter(model, path: str | Path) -> Path:
-    """`model.save_pretrained(path)` through a temporary folder: never a half-written adapter."""
+    """`model.save_pretrained(path)` through a temporary folder: never a half-written adapter.
+    An AdaLoRA adapter is saved at full rank (`adapters.full_rank`)."""
     path = Path(path)
     if not is_main():  # several processes: process 0 writes
         return path
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    with full_rank(model):  # AdaLoRA: every component, so training continues from it exactly
+        model.save_pretrained(str(tmp))
     replace_dir(tmp, path)
     return path
 
@@ -185,7 +187,8 @@ def save_checkpoint(run: str | Path, model, position: tuple[int, int, int], stat
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp / "adapter"))
+    with full_rank(model):  # AdaLoRA: every component, so training continues from it exactly
+        model.save_pretrained(str(tmp / "adapter"))
     torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
     write_json_atomic(tmp / "progress.json", {**progress, "position": list(position)})
     write_json_atomic(tmp / MANIFEST, {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*"))

@@ -20,8 +20,8 @@ CL_METHODS = ("single", "cumulative", "multitask", "replay", "l2", "ewc", "freez
 METHOD_NAMES = PAPER_METHODS + ("dylora_nested", "hybrid_nested", "lora_small", "matryoshka",
                                 "hybrid_matryoshka") + CL_METHODS
 # + budgeted rank allocation across modules by importance (allocation.py)
-METHOD_NAMES += ("dynamic", "dynamic_protect")
-ALLOCATING_METHODS = ("dynamic", "dynamic_protect")
+METHOD_NAMES += ("dynamic", "dynamic_protect", "adalora")
+ALLOCATING_METHODS = ("dynamic", "dynamic_protect", "adalora")
 IMPORTANCES = ("sensitivity", "fisher", "activation")  # importance.py
 DYLORA_DISTRIBUTIONS = ("uniform", "geometric")
 SWEEP_KINDS = ("slice", "svd")
@@ -65,7 +65,7 @@ DC_VARIANTS = ("global", "per_module", "delta_w")
 PRESETS = ("paper", "smoke", "forgetting", "rank_flex")
 FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "lr", "weight_decay", "lambda_order", "lambda_dc",
                 "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "dylora_p",
-                "alloc_tinit", "alloc_tfinal", "alloc_beta1", "alloc_beta2")
+                "alloc_tinit", "alloc_tfinal", "alloc_beta1", "alloc_beta2", "orth_reg_weight")
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ class ExperimentConfig:
     alloc_delta_t: int = 5      # steps between re-allocations while the budget falls
     alloc_beta1: float = 0.85   # EMA of the importance estimates
     alloc_beta2: float = 0.85   # EMA of the sensitivity's uncertainty
+    orth_reg_weight: float = 0.5  # method adalora: AdaLoraConfig's weight of ||P P^T - I|| terms
     # post-hoc rank sweep of each run's Stage-1 and final adapters (ranks above an adapter's skipped)
     sweep_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     sweep_kinds: tuple[str, ...] = ("slice", "svd")  # slice: first k components; svd: best rank k
@@ -232,7 +233,8 @@ class ExperimentConfig:
             raise bad("lr", "must be positive")
         if not 0.0 <= self.replay_fraction <= 1.0:
             raise bad("replay_fraction", "must be in [0, 1]")
-        for name in ("lambda_order", "lambda_dc", "weight_decay", "lambda_l2", "lambda_ewc", "lambda_olora"):
+        for name in ("lambda_order", "lambda_dc", "weight_decay", "lambda_l2", "lambda_ewc", "lambda_olora",
+                     "orth_reg_weight"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
         if not self.target_modules:

@@ -64,3 +64,13 @@ def domain_correlation_loss(w_prev: torch.Tensor, w_cur: torch.Tensor, lam: floa
         raise ValueError(f"domain_correlation_loss: length mismatch, w_prev has {w_prev.numel()} "
                          f"elements, w_cur has {w_cur.numel()} (truncate w_prev to the current rank)")
     return lam * (1.0 - F.cosine_similarity(w_prev.detach(), w_cur, dim=0))
+
+
+def orthogonality_penalty(factors) -> torch.Tensor:
+    """AdaLoRA's regularizer: the mean over all A [r, in] and B [out, r] of
+    ||A A^T - I||_F and ||B^T B - I||_F (so that B diag(E) A stays an SVD)."""
+    terms = []
+    for a, b in factors:
+        for gram in (a @ a.T, b.T @ b):  # [r, r]
+            terms.append(torch.linalg.matrix_norm(gram - torch.eye(len(gram), device=gram.device)))
+    return torch.stack(terms).mean()

@@ -34,7 +34,8 @@ class Method:
     #                             stage from the base alone (each domain trained on its own)
     allocation: str | None = None  # budgeted rank allocation across modules (allocation.py):
     #                                "budget" re-allocates every stage, "protect" freezes what
-    #                                earlier stages kept and allocates the new stage elsewhere
+    #                                earlier stages kept and allocates the new stage elsewhere;
+    #                                "adalora": PEFT's AdaLoRA adapter and allocator
 
     def lambdas(self, cfg: ExperimentConfig, stage: int) -> tuple[float, float]:
         """(lambda_order, lambda_dc) in force in `stage`; 0.0 where the term is off."""
@@ -136,6 +137,9 @@ METHODS = {m.name: m for m in (
     Method("dynamic_protect", False, False, False, "dynamic, but a later stage freezes the components "
            "earlier stages kept and allocates its own budget among the revived ones only",
            allocation="protect"),
+    Method("adalora", False, False, False, "PEFT's AdaLoRA (SVD-form adapter, its own sensitivity "
+           "allocation from rank r to target_r = rank_schedule[-1] per module on average, orthogonality "
+           "penalty); the schedule restarts each stage", allocation="adalora"),
 )}
 assert tuple(METHODS) == METHOD_NAMES, "config.METHOD_NAMES and the method table disagree"
 

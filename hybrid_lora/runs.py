@@ -200,7 +200,7 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
         position, history, evals = (2, 1, 0), shared["history"], shared["evals"]
         val_evals = shared.get("val_evals", [])
     else:
-        model, _ = build_model(cfg, device, r=m.train_rank(cfg))
+        model, _ = build_model(cfg, device, r=m.train_rank(cfg), adalora=m.allocation == "adalora")
     prints["model"] = base_fingerprint(model)  # LoRA weights left out: the same at every resume
     if saved is not None:
         check_fingerprints(rd, saved, prints)
@@ -283,7 +283,8 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
         sequences["R_val"] = [[e["seq"] for e in row] for row in val_evals]
     write_json_atomic(rd / SEQUENCES_FILE, sequences, indent=None)  # the sweep reads it
     barrier()
-    if cfg.sweep_ranks and cfg.sweep_kinds and n_stages == 2 and m.adapter == "continue":
+    # (an allocated adapter has per-module ranks and unordered components: no uniform cut)
+    if cfg.sweep_ranks and cfg.sweep_kinds and n_stages == 2 and m.adapter == "continue" and not m.allocation:
         kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
         del model  # the sweep loads both adapters back from disk
         swept = {"A": loaders[0].eval, "B": loaders[1].eval}

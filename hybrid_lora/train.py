@@ -22,7 +22,7 @@ from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, m
 from .data import IGNORE_INDEX
 from .distributed import all_reduce, all_reduce_grads, gather_objects, shard, world
 from .families import enable_gradient_checkpointing
-from .losses import causal_lm_sums, ordering_penalty
+from .losses import causal_lm_sums, orthogonality_penalty, ordering_penalty
 from .methods import Method
 from .nested import nested_training
 
@@ -165,7 +165,9 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
     if (lam_dc or method.penalty_lambda(cfg, stage)) and reference is None:
         raise ValueError(f"method {method.name!r} regularizes stage {stage} against the previous "
                          "adapter, but no reference was given")
-    cos_ref = reference if reference is not None and method.adapter == "continue" else None
+    # (AdaLoRA's A and B alone are not its update: no cosine for it)
+    cos_ref = reference if reference is not None and method.adapter == "continue" \
+        and method.allocation != "adalora" else None
     device = model_device(model)
     rebuild_scaling = {"preserve": "preserve", "dylora": "peft"}[method.cut_scaling(cfg)]
     optimizer = make_optimizer(model, cfg)
@@ -220,6 +222,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             scalings = [s for *_, s in lora_factors(model)]
             w_prev = flatten_factors(cos_ref.factors, rank) if cos_ref is not None else None
             terms = regularizer_terms(cfg, method, stage, factors, rank, reference, scalings)
+            if method.allocation == "adalora" and cfg.orth_reg_weight:  # what PEFT's forward adds
+                terms["penalty"] = lambda: cfg.orth_reg_weight * orthogonality_penalty(factors)
             skip = start_step if epoch == start_epoch else 0
             sums = _zero_sums(device)
             if skip and saved_sums is not None:

@@ -126,7 +126,7 @@ def test_masked_components_contribute_nothing_and_keep_their_weights():
 @pytest.fixture(scope="module")
 def dynamic_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dynamic")
-    cfg = all_linear(methods=("dynamic", "dynamic_protect"), rank_schedule=(4, 4, 4), alloc_delta_t=2)
+    cfg = all_linear(methods=("dynamic", "dynamic_protect", "adalora"), rank_schedule=(4, 4, 4), alloc_delta_t=2)
     for method in cfg.methods:
         run_experiment(cfg, method, 42, out, progress=False)
     return cfg, out
@@ -153,7 +153,7 @@ def test_the_budget_is_never_exceeded_and_the_final_ranks_are_saved(dynamic_runs
     assert "allocation" not in read_json(rd / "history.json")[0]
 
 
-@pytest.mark.parametrize("method", ["dynamic", "dynamic_protect"])
+@pytest.mark.parametrize("method", ["dynamic", "dynamic_protect", "adalora"])
 def test_the_allocated_adapter_reloads_with_its_per_module_ranks(dynamic_runs, method):
     cfg, out = dynamic_runs
     rd = run_dir(out, method, 42)
@@ -166,6 +166,8 @@ def test_the_allocated_adapter_reloads_with_its_per_module_ranks(dynamic_runs, m
     assert [by_name.get(n, 0) for n in names] == ranks
     if method == "dynamic":  # (protect keeps Stage 1's budget and adds Stage 2's)
         assert sum(by_name.values()) < cfg.r * len(names)
+    if method == "adalora":  # PEFT's budget: target_r components per module on average
+        assert sum(ranks) == target_rank(cfg) * len(names)
     ids = torch.randint(1, 257, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(compact(input_ids=ids).logits, full(input_ids=ids).logits,
@@ -196,3 +198,18 @@ def test_allocation_settings_are_checked():
     with pytest.raises(ValueError, match="alloc_tfinal.*below 1"):
         all_linear(alloc_tinit=0.5, alloc_tfinal=0.5)
     assert math.isclose(all_linear().alloc_beta1, 0.85)
+
+
+def test_our_adalora_loss_is_peft_s_labels_loss():
+    """The train loop adds AdaLoRA's orthogonality penalty itself: CE + w * penalty must equal
+    the loss PEFT's AdaLoraModel.forward returns with labels."""
+    from hybrid_lora.losses import causal_lm_sums, orthogonality_penalty
+
+    cfg = all_linear(methods=("adalora",), orth_reg_weight=0.3, lora_dropout=0.0)
+    model, _ = build_model(cfg, adalora=True)
+    ids = torch.randint(1, 257, (2, 16), generator=torch.Generator().manual_seed(6))
+    out = model(input_ids=ids, labels=ids)
+    ce, n, _ = causal_lm_sums(out.logits, ids, with_hits=False)
+    ours = ce / n + 0.3 * orthogonality_penalty([(a, b) for _, a, b, _ in lora_factors(model)])
+    torch.testing.assert_close(ours, out.loss, atol=1e-6, rtol=1e-6)
+

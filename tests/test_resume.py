@@ -52,7 +52,7 @@ def finished_files(out, method: str, seed: int = 42) -> dict:
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     methods = ("hybrid", "lora", "hybrid_nested", "freeze_add", "ewc", "olora", "hybrid_matryoshka",
-               "dynamic", "dynamic_protect")
+               "dynamic", "dynamic_protect", "adalora")
     for method in methods:
         run_experiment(config(), method, 42, out, progress=False)
     return {m: finished_files(out, m) for m in methods}
@@ -72,6 +72,7 @@ CASES = [
     ("hybrid_matryoshka", [11], [2, 2, 2]),  # Matryoshka weights of the new rank, DC, after a cut
     ("dynamic", [11], [2, 2, 2]),      # masks, importance averages and schedule position restored
     ("dynamic_protect", [7], [2, 1, 2]),  # revived and frozen components: not revived twice
+    ("adalora", [11], [2, 2, 2]),      # PEFT's RankAllocator averages and rank pattern restored
 ]
 
 
