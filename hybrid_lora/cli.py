@@ -89,9 +89,9 @@ def sweep_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"sweep-ranks: {run} has no config.json (expected <out>/<method>/seed<k>)")
     rows = resweep(run, args.ranks, args.kinds, args.scaling, args.device, args.n_eval,
                    progress=not args.no_progress)
-    print(f"{'adapter':<8}{'domain':>7}{'kind':>7}{'scaling':>10}{'rank':>6}{'loss':>9}{'acc':>8}")
+    print(f"{'adapter':<8}{'domain':>7}{'kind':>10}{'scaling':>10}{'rank':>6}{'loss':>9}{'acc':>8}")
     for r in sorted(rows, key=lambda r: (r["adapter"], r["domain"], r["kind"], r["scaling"], r["rank"])):
-        print(f"{r['adapter']:<8}{r['domain']:>7}{r['kind']:>7}{r['scaling']:>10}{r['rank']:>6}"
+        print(f"{r['adapter']:<8}{r['domain']:>7}{r['kind']:>10}{r['scaling']:>10}{r['rank']:>6}"
               f"{r['loss']:>9.4f}{r['acc']:>8.4f}")
     print(f"written: {run / 'sweep.json'}")
     return 0

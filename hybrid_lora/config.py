@@ -24,7 +24,7 @@ METHOD_NAMES += ("dynamic", "dynamic_protect", "adalora")
 ALLOCATING_METHODS = ("dynamic", "dynamic_protect", "adalora")
 IMPORTANCES = ("sensitivity", "fisher", "activation")  # importance.py
 DYLORA_DISTRIBUTIONS = ("uniform", "geometric")
-SWEEP_KINDS = ("slice", "svd")
+SWEEP_KINDS = ("slice", "svd", "svd_alloc")
 DATA_SOURCES = ("hub", "local", "builtin")
 BUILTIN_DOMAINS = ("imdb", "yelp", "code")
 HUB_DOMAINS = {  # domain -> (dataset name, train split, eval split, text column)
@@ -137,7 +137,8 @@ class ExperimentConfig:
     orth_reg_weight: float = 0.5  # method adalora: AdaLoraConfig's weight of ||P P^T - I|| terms
     # post-hoc rank sweep of each run's Stage-1 and final adapters (ranks above an adapter's skipped)
     sweep_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    sweep_kinds: tuple[str, ...] = ("slice", "svd")  # slice: first k components; svd: best rank k
+    sweep_kinds: tuple[str, ...] = ("slice", "svd")  # slice: first k components; svd: best rank k;
+    #                                                  svd_alloc: rank k's parameters spread over modules by singular value
     sweep_n_eval: int | None = None  # the sweep evaluates the first N evaluation texts (None: all)
     # runs
     methods: tuple[str, ...] = PAPER_METHODS

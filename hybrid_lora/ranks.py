@@ -7,6 +7,10 @@ Scaling conventions when the first k of r components are kept (alpha = the adapt
               adapter with the same lora_alpha (kept components grow by r/k).
 SVD truncation replaces each module's B A by its best rank-k approximation (Eckart-Young),
 scaling unchanged, so scaling * B' A' is the best rank-k approximation of delta W.
+SVD allocation ("svd_alloc", post-hoc allocation across modules) spends the parameters of
+uniform rank k, sum over modules of k (in + out), on the singular components of every module's
+delta W chosen by one global threshold on the singular values of scaling * B A (best first, kept
+while they fit: `allocation.mask_to_budget`); each module keeps its largest ones.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import ADAPTER, component_mask, load_adapter, lora_factors, snapshot_factors
+from .allocation import mask_to_budget
 from .evaluate import evaluate_loss_and_token_acc
 from .results import read_json, write_json_atomic
 
@@ -60,6 +65,19 @@ def svd_truncate_factors(a: torch.Tensor, b: torch.Tensor, k: int, svd=None) -> 
     return a_new, b_new
 
 
+def svd_allocate(factors, scalings, k: int, svds=None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+    """(factors cut by one global singular-value threshold to the parameters of uniform rank k,
+    kept ranks per module). `factors` [(A [r, in], B [out, r])]; `svds` as `lora_svd` gives."""
+    svds = svds if svds is not None else [lora_svd(a, b) for a, b in factors]
+    scores = [s * sv for s, (_, sv, _) in zip(scalings, svds)]  # singular values of delta W
+    costs = [a.shape[1] + b.shape[0] for a, b in factors]
+    kept = [int(m.sum()) for m in mask_to_budget(scores, costs, k * sum(costs))]
+    cut = []
+    for (a, b), svd, n in zip(factors, svds, kept):  # the kept ones are each module's largest
+        cut.append(svd_truncate_factors(a, b, n, svd) if n else (torch.zeros_like(a), torch.zeros_like(b)))
+    return cut, kept
+
+
 @contextmanager
 def swapped_factors(model: nn.Module, factors: list[tuple[torch.Tensor, torch.Tensor]]):
     """Inside the block the model's LoRA A and B hold `factors`; the originals come back after."""
@@ -82,13 +100,15 @@ def rank_sweep(model: nn.Module, loader, ranks, kind: str = "slice", scaling: st
                amp_dtype: torch.dtype | None = None, progress=None) -> list[dict]:
     """Evaluate one adapter cut to each rank in `ranks` (those above its rank are skipped),
     no training. kind="slice": first k components under `scaling`; kind="svd": best rank-k
-    approximation of each module's delta W. Returns [{"rank", "loss", "acc"}]."""
-    if kind not in ("slice", "svd"):
-        raise ValueError(f"kind={kind!r}: must be 'slice' or 'svd'")
+    approximation of each module's delta W; kind="svd_alloc": the parameters of rank k spread
+    over modules by singular value (`svd_allocate`). Returns [{"rank", "loss", "acc"}]."""
+    if kind not in ("slice", "svd", "svd_alloc"):
+        raise ValueError(f"kind={kind!r}: must be 'slice', 'svd' or 'svd_alloc'")
     factors = [(a.detach(), b.detach()) for _, a, b, _ in lora_factors(model)]
+    scalings = [s for *_, s in lora_factors(model)]
     r = factors[0][0].shape[0]
     ranks = sorted(k for k in set(ranks) if k <= r)
-    svds = [lora_svd(a, b) for a, b in factors] if kind == "svd" else None  # once, cut at each k
+    svds = [lora_svd(a, b) for a, b in factors] if kind != "slice" else None  # once, cut at each k
     points = []
     for k in ranks:
         if kind == "slice":
@@ -97,7 +117,8 @@ def rank_sweep(model: nn.Module, loader, ranks, kind: str = "slice", scaling: st
                 m[:k] = slice_multiplier(model, k, scaling)
                 ev = evaluate_loss_and_token_acc(model, loader, amp_dtype)
         else:
-            cut = [svd_truncate_factors(a, b, k, svd) for (a, b), svd in zip(factors, svds)]
+            cut = ([svd_truncate_factors(a, b, k, svd) for (a, b), svd in zip(factors, svds)] if kind == "svd"
+                   else svd_allocate(factors, scalings, k, svds)[0])
             with swapped_factors(model, cut):
                 ev = evaluate_loss_and_token_acc(model, loader, amp_dtype)
         points.append({"rank": k, "loss": ev["loss"], "acc": ev["acc"]})

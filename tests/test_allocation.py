@@ -213,3 +213,32 @@ def test_our_adalora_loss_is_peft_s_labels_loss():
     ours = ce / n + 0.3 * orthogonality_penalty([(a, b) for _, a, b, _ in lora_factors(model)])
     torch.testing.assert_close(ours, out.loss, atol=1e-6, rtol=1e-6)
 
+
+
+def test_svd_allocation_against_dense_svds():
+    """One global threshold on the singular values of every module's dense delta W, kept while
+    the parameters of uniform rank k last; each module's cut is its best approximation at its rank."""
+    from hybrid_lora.ranks import svd_allocate
+
+    g = torch.Generator().manual_seed(7)
+    shapes = [(6, 10, 4), (6, 5, 7), (6, 12, 12)]  # (r, in, out): unequal costs
+    factors = [(torch.randn(r, i, generator=g), torch.randn(o, r, generator=g) * (m + 1))
+               for m, (r, i, o) in enumerate(shapes)]
+    scalings = [0.5, 0.5, 0.5]
+    for k in (1, 2, 4):
+        cut, kept = svd_allocate(factors, scalings, k)
+        dense = [s * b @ a for (a, b), s in zip(factors, scalings)]
+        values = sorted(((float(v), m) for m, w in enumerate(dense)
+                         for v in torch.linalg.svdvals(w.double())[:shapes[m][0]]), reverse=True)
+        costs = [i + o for _, i, o in shapes]
+        slow, spent = [0, 0, 0], 0
+        for _, m in values:
+            if spent + costs[m] > k * sum(costs):
+                break
+            slow[m] += 1
+            spent += costs[m]
+        assert kept == slow
+        for (a, b), w, s, n in zip(cut, dense, scalings, kept):
+            u, sv, vh = torch.linalg.svd(w.double())
+            best = (u[:, :n] * sv[:n]) @ vh[:n]
+            torch.testing.assert_close((s * b @ a).double(), best, atol=1e-4, rtol=1e-4)
