@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="evaluate on the first N evaluation texts of each domain (default: the "
                             "run's sweep_n_eval, else all); rows hold the base model on the same texts")
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    per = sub.add_parser("per-input", parents=[common], help="rank chosen per input on a nested run's final "
+                         "adapter, against random and fixed ranks at the same average; writes <run>/per_input.json")
+    per.add_argument("--run", required=True, help="a finished matryoshka or dylora_nested run folder")
+    per.add_argument("--averages", nargs="+", type=int, help="average ranks (default 3, 6, 12, ... below r)")
+    per.add_argument("--device", default="cpu")
+    per.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -251,6 +257,16 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """The command `args.command` with its arguments."""
     if args.command == "sweep-ranks":
         return sweep_command(args)
+    if args.command == "per-input":
+        from .per_input import per_input_run
+
+        out = per_input_run(args.run, args.averages, args.device, progress=not args.no_progress)
+        print(f"{'domain':<8}{'policy':>8}{'average':>8}{'given':>8}{'loss':>9}{'acc':>8}")
+        for r in out["rows"]:
+            print(f"{r['domain']:<8}{r['policy']:>8}{r['target_avg']:>8}{r['avg_rank']:>8.2f}"
+                  f"{r['loss']:>9.4f}{r['acc']:>8.4f}")
+        print(f"written: {Path(args.run) / 'per_input.json'}")
+        return 0
     if args.command == "table":
         return table_command(args)
     if args.command == "plot":
