@@ -62,7 +62,7 @@ STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "r
                  "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "ewc_samples",
                  "sweep_ranks", "sweep_kinds", "sweep_n_eval")
 DC_VARIANTS = ("global", "per_module", "delta_w")
-PRESETS = ("paper", "smoke", "forgetting", "rank_flex")
+PRESETS = ("paper", "smoke", "forgetting", "rank_flex", "dynamic")
 FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "lr", "weight_decay", "lambda_order", "lambda_dc",
                 "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "dylora_p",
                 "alloc_tinit", "alloc_tfinal", "alloc_beta1", "alloc_beta2", "orth_reg_weight")
@@ -202,6 +202,23 @@ class ExperimentConfig:
             epochs_stage1=2, epochs_stage2=2, n_train=500, n_eval=200, n_val=100, lr=1e-3,
             methods=("lora", "dylora_nested", "matryoshka", "dylora"), sweep_kinds=("slice",),
             seeds=(42, 43, 44, 45, 46),
+        )
+
+    @classmethod
+    def dynamic(cls, sequence: str = "imdb-code") -> "ExperimentConfig":
+        """The allocation study on a shipped domain `sequence`: LoRA on every linear layer
+        (`all-linear`), every module starting at r = 16, the budget that of uniform rank 8
+        (rank_schedule[-1]) on every module: `dynamic` and `adalora` against uniform LoRA at the
+        budget (`lora_small`) and plain LoRA at 16 (swept to the budget by SVD, uniform and
+        allocated: sweep kinds svd, svd_alloc at rank 8); `dynamic_protect` against `lora`,
+        `l2` and `ewc`; 5 seeds. Set `model_name` and the data."""
+        if sequence not in SEQUENCES:
+            raise ValueError(f"sequence={sequence!r}: must be one of {tuple(SEQUENCES)}")
+        return cls(
+            domains=SEQUENCES[sequence], target_modules=("all-linear",), r=16, lora_alpha=32.0,
+            rank_schedule=(8, 8), epochs_stage1=2, epochs_stage2=2, n_train=500, n_eval=200, n_val=100,
+            lr=1e-3, methods=("lora_small", "dynamic", "adalora", "lora", "dynamic_protect", "l2", "ewc"),
+            sweep_ranks=(8,), sweep_kinds=("svd", "svd_alloc"), seeds=(42, 43, 44, 45, 46),
         )
 
     # ------------------------------------------------------------- validation
@@ -362,8 +379,9 @@ def from_preset(preset: str = "paper", data_dir: str | None = None, sequence: st
     changes = {k: v for k, v in changes.items() if v is not None}
     if data_dir is not None:
         changes.update(data_source="local", data_dir=str(data_dir))
-    if preset in ("forgetting", "rank_flex"):
-        base = getattr(ExperimentConfig, preset)(sequence or ("imdb-code" if preset == "forgetting" else "imdb-yelp"))
+    if preset in ("forgetting", "rank_flex", "dynamic"):
+        default = {"forgetting": "imdb-code", "rank_flex": "imdb-yelp", "dynamic": "imdb-code"}[preset]
+        base = getattr(ExperimentConfig, preset)(sequence or default)
     else:
         base = getattr(ExperimentConfig, preset)()
         if sequence is not None:

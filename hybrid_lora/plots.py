@@ -203,6 +203,26 @@ def plot_pareto(table, title: str = ""):
     return fig
 
 
+def plot_rank_map(maps: dict, run: str):
+    """Heat map of `allocation_results.rank_maps`: module (rows) x epoch (columns), colour and
+    number the rank kept, averaged over seeds."""
+    import numpy as np
+
+    ranks = np.asarray(maps["ranks"]).T  # [modules, epochs]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * ranks.shape[1], 1.0 + 0.32 * ranks.shape[0]))
+    im = ax.imshow(ranks, aspect="auto", cmap="viridis", vmin=0)
+    for (m, e), v in np.ndenumerate(ranks):
+        ax.text(e, m, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w" if v < ranks.max() / 2 else "k")
+    ax.set_xticks(range(ranks.shape[1]), [f"S{s} E{e}" for s, e in maps["epochs"]])
+    ax.set_yticks(range(ranks.shape[0]), maps["modules"], fontsize=7)
+    ax.set_xlabel("stage and epoch (end of epoch)")
+    ax.set_ylabel("adapted module")
+    fig.colorbar(im, ax=ax, label="rank kept")
+    ax.set_title(f"{run}: ranks allocated per module (mean over {maps['n_seeds']} seeds)")
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Save as PNG (150 dpi), creating folders; returns the path."""
     path = Path(path)
@@ -215,8 +235,9 @@ def save_figure(fig, path: str | Path) -> Path:
 def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ()) -> list[Path]:
     """Redraw every figure of the results folder `out` into `image_dir` (with `only`, just
     those whose file name starts with one of its entries, e.g. ("pareto",)); returns the PNG paths."""
+    from .allocation_results import rank_maps
     from .cl_results import BASELINE, cl_table
-    from .results import load_history, load_summary
+    from .results import ALLOCATION_FILE, load_history, load_summary
     from .sweep_results import load_sweeps
 
     summary, history = load_summary(out), load_history(out)
@@ -242,6 +263,11 @@ def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ())
         if want(f"history_{run}_seed{seed}"):
             paths.append(save_figure(plot_stage_history(history, run, seed),
                                      Path(image_dir) / f"history_{run}_seed{seed}.png"))
+    allocated = sorted({p.parent.parent.name for p in Path(out).glob(f"*/seed*/{ALLOCATION_FILE}")
+                        if (p.parent / "metrics.json").exists()})
+    for run in allocated:
+        if want(f"rank_map_{run}"):
+            paths.append(save_figure(plot_rank_map(rank_maps(out, run), run), Path(image_dir) / f"rank_map_{run}.png"))
     if only and not (want("rank_sweep") or want("rank_flex")):
         return paths
     try:

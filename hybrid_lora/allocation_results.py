@@ -1,0 +1,129 @@
+"""The allocation study's tables and the rank maps behind its figures. No torch; reads result folders.
+
+`allocation_table` compares, at one trainable-parameter budget, every run of an allocating
+method (`dynamic` and its `--suffix` variants, `adalora`), the uniform LoRA at the budget (the
+baseline, `lora_small`) and plain LoRA at rank r cut to the budget after training (its sweep:
+`svd` = every module at the budget's rank, `svd_alloc` = one global singular-value threshold).
+For each: the Stage-1 adapter on the first domain, the final adapter on the last domain and on
+the first, in loss and accuracy; the mean over seeds and the paired difference from the
+baseline (same seed) with a t-interval over seeds; and the adapter's parameters at the end of
+each stage (allocated: kept components, frozen included; LoRA cut by SVD: the budget, an upper
+bound).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .results import ALLOCATION_FILE, finished_runs, read_json
+from .stats import paired_t_interval
+
+POINTS = (("stage1_first", "A_after_stage1"), ("final_last", "B_after_stage2"), ("final_first", "A_after_stage2"))
+
+
+def _params(run: Path) -> dict[str, float]:
+    """{"stage1", "final"}: the adapter's parameters at the end of Stage 1 and of the run."""
+    if (run / ALLOCATION_FILE).exists():
+        epochs = read_json(run / ALLOCATION_FILE)["epochs"]
+        at = {e["stage"]: e["params"] + e["frozen_params"] for e in epochs}
+        return {"stage1": at[1], "final": at[max(at)]}
+    history = read_json(run / "history.json")
+    at = {h["stage"]: h["trainable_params"] for h in history}
+    return {"stage1": at[1], "final": at[max(at)]}
+
+
+def _points(run: Path) -> dict[str, dict]:
+    m = read_json(run / "metrics.json")
+    return {name: m[key] for name, key in POINTS}
+
+
+def _cut_points(run: Path, kind: str, rank: int) -> dict[str, dict] | None:
+    """The run's adapters cut by `kind` at `rank` from its sweep.json, or None if not swept."""
+    if not (run / "sweep.json").exists():
+        return None
+    rows = {(r["adapter"], r["domain"]): r for r in read_json(run / "sweep.json")
+            if r["kind"] == kind and r["rank"] == rank}
+    where = {"stage1_first": ("stage1", "A"), "final_last": ("final", "B"), "final_first": ("final", "A")}
+    if not all(w in rows for w in where.values()):
+        return None
+    return {name: {"loss": rows[w]["loss"], "acc": rows[w]["acc"]} for name, w in where.items()}
+
+
+def study_runs(out: str | Path, baseline: str = "lora_small", svd_run: str = "lora") -> dict:
+    """{label: {seed: {"points": {point: {"loss", "acc"}}, "params": {...}}}} for the runs the
+    table compares; the budget's rank is read from the baseline's config (rank_schedule[-1])."""
+    found = {}
+    budget_rank = None
+    for run in finished_runs(out):
+        cfg = read_json(run / "config.json")
+        name, seed = run.parent.name, cfg["seed"]
+        if name == baseline:
+            budget_rank = cfg["rank_schedule"][-1]
+        if (run / ALLOCATION_FILE).exists() or name == baseline:
+            found.setdefault(name, {})[seed] = {"points": _points(run), "params": _params(run)}
+    for run in finished_runs(out):
+        cfg = read_json(run / "config.json")
+        if run.parent.name != svd_run or budget_rank is None:
+            continue
+        full = _params(run)
+        for kind in ("svd", "svd_alloc"):
+            cut = _cut_points(run, kind, budget_rank)
+            if cut is not None:
+                bound = {k: v * budget_rank / cfg["r"] for k, v in full.items()}
+                found.setdefault(f"{svd_run} {kind}@{budget_rank}", {})[cfg["seed"]] = {"points": cut, "params": bound}
+    return found
+
+
+def allocation_table(out: str | Path, baseline: str = "lora_small", svd_run: str = "lora", level: float = 0.95):
+    """One row per compared run (see the module docstring); differences from `baseline`."""
+    import pandas as pd
+
+    runs = study_runs(out, baseline, svd_run)
+    if baseline not in runs:
+        raise FileNotFoundError(f"no finished {baseline!r} runs under {out}: the baseline of the table")
+    base = runs[baseline]
+    rows = []
+    for label, per_seed in runs.items():
+        seeds = sorted(s for s in per_seed if s in base)
+        row = {"run": label, "n_seeds": len(seeds)}
+        for point, _ in POINTS:
+            for x in ("loss", "acc"):
+                vals = [per_seed[s]["points"][point][x] for s in seeds]
+                row[f"{point}_{x}"] = sum(vals) / len(vals) if vals else math.nan
+                diffs = [per_seed[s]["points"][point][x] - base[s]["points"][point][x] for s in seeds]
+                mean, lo, hi = paired_t_interval(diffs, level) if label != baseline else (0.0, 0.0, 0.0)
+                row[f"{point}_{x}_diff"], row[f"{point}_{x}_lo"], row[f"{point}_{x}_hi"] = mean, lo, hi
+        for stage in ("stage1", "final"):
+            vals = [per_seed[s]["params"][stage] for s in seeds]
+            row[f"params_{stage}"] = sum(vals) / len(vals) if vals else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def rank_maps(out: str | Path, run: str) -> dict:
+    """{"modules", "epochs": [(stage, epoch)], "ranks": per epoch the per-module rank averaged
+    over the seeds of `run`} from its allocation.json files."""
+    files = [read_json(p / ALLOCATION_FILE) for p in finished_runs(out)
+             if p.parent.name == run and (p / ALLOCATION_FILE).exists()]
+    if not files:
+        raise FileNotFoundError(f"no finished {run!r} runs with {ALLOCATION_FILE} under {out}")
+    epochs = [(e["stage"], e["epoch"]) for e in files[0]["epochs"]]
+    ranks = [[sum(f["epochs"][i]["ranks"][m] for f in files) / len(files)
+              for m in range(len(files[0]["modules"]))] for i in range(len(epochs))]
+    return {"modules": files[0]["modules"], "epochs": epochs, "ranks": ranks, "n_seeds": len(files)}
+
+
+def markdown(table, x: str = "loss") -> str:
+    """The table in markdown: per point the mean and the difference from the baseline [CI]."""
+    head = ["run", "n"] + [f"{p} {x}" for p, _ in POINTS] + ["params (final)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table.itertuples():
+        r = r._asdict()
+        cells = [r["run"], str(r["n_seeds"])]
+        for p, _ in POINTS:
+            d, lo, hi = r[f"{p}_{x}_diff"], r[f"{p}_{x}_lo"], r[f"{p}_{x}_hi"]
+            diff = "" if lo == hi == 0.0 else f" ({d:+.4f} [{lo:+.4f}, {hi:+.4f}])"
+            cells.append(f"{r[f'{p}_{x}']:.4f}{diff}")
+        cells.append(f"{r['params_final']:,.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""The `table` command of the CLI: the continual-learning, rank-sweep, rank-flexibility and
+allocation tables of a results folder, printed and written as CSV beside the runs."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def table_command(args: argparse.Namespace) -> int:
+    """`table`: print the continual-learning table and write it to <results>/cl_table.csv."""
+    import pandas as pd
+
+    from .cl_results import CL_MARKDOWN, MATCHED_MARKDOWN, cl_table, markdown_table, matched_gain_table
+    from .results import write_text_atomic
+
+    results = Path(args.results)
+    if args.allocation:
+        return allocation_command(results, args.markdown, args.reference or "lora_small")
+    if args.rank_flex:
+        return rank_flex_command(results, args.markdown, args.reference or "lora")
+    if args.rank_sweep:
+        return rank_table_command(results, args.markdown, args.reference)
+    table = cl_table(results, n_boot=args.n_boot)
+    tables = [(table, CL_MARKDOWN, "cl_table.csv", True)]
+    if args.matched_gain is not None:
+        tables.append((matched_gain_table(results, args.matched_gain), MATCHED_MARKDOWN,
+                       "matched_gain.csv", False))
+    cols = ["method", "lambda", "n_seeds", "delta_loss_first", "new_gain", "d_forget_seed",
+            "d_forget_seed_lo", "d_forget_seed_hi", "d_new_gain_seed", "d_new_gain_seed_lo",
+            "d_new_gain_seed_hi", "forgets_less_seed", "seeds_forget_less"]
+    for t, spec, name, index in tables:
+        if args.markdown:
+            print(markdown_table(t, spec))
+        else:
+            with pd.option_context("display.width", 250, "display.max_columns", 30, "display.precision", 4):
+                print(t[cols] if name == "cl_table.csv" else t)
+        path = write_text_atomic(results / name, lambda f, t=t, index=index: t.to_csv(f, index=index))
+        print(f"written: {path}")
+    return 0
+
+
+def rank_flex_command(results: Path, markdown: bool, reference: str) -> int:
+    """`table --rank-flex`: the rank-flexibility benchmark tables of the Stage-1 adapter on A and
+    the final adapter on B."""
+    import pandas as pd
+
+    from .cl_results import markdown_table
+    from .rank_flex import rank_flex_benchmark, rank_flex_markdown_spec
+    from .results import write_text_atomic
+
+    for adapter, domain in (("stage1", "A"), ("final", "B")):
+        table, ref = rank_flex_benchmark(results, adapter, domain, reference)
+        print(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter on {domain}: share of the gain of "
+              f"{reference} trained at each rank that a cut keeps (lambda chosen on validation texts):")
+        shown = table[table["chosen"]]
+        if markdown:
+            print(markdown_table(shown, rank_flex_markdown_spec(shown)))
+        else:
+            with pd.option_context("display.width", 250, "display.max_columns", 50, "display.precision", 3):
+                print(shown)
+        print(f"{reference} trained at each rank, loss: " +
+              ", ".join(f"r={c[5:]}: {ref.loc[0, c]:.4f}" for c in ref.columns if c.startswith("loss_")))
+        path = write_text_atomic(results / f"rank_flex_{adapter}_{domain}.csv",
+                                 lambda f, t=table: t.to_csv(f, index=False))
+        print(f"written: {path}")
+    return 0
+
+
+def rank_table_command(results: Path, markdown: bool, reference: str | None = None) -> int:
+    """`table --rank-sweep`: the `rank_flex_table` of the Stage-1 adapter on A and of the final
+    adapter on B (on the other domain an adapter's gain is near zero, so shares of it are noise)."""
+    import pandas as pd
+
+    from .cl_results import markdown_table
+    from .results import write_text_atomic
+    from .sweep_results import load_sweeps, rank_flex_markdown_spec, rank_flex_table
+
+    sweeps = load_sweeps(results)
+    suffix = f"_vs_{reference}" if reference else ""
+    swept = set(sweeps[["adapter", "domain"]].itertuples(index=False, name=None))
+    for adapter, domain in [pair for pair in (("stage1", "A"), ("final", "B")) if pair in swept]:
+        t = rank_flex_table(sweeps, adapter, domain, reference)
+        print(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter on {domain}, share of "
+              f"{'the gain of ' + reference + ' uncut' if reference else 'its own uncut gain'} kept:")
+        if markdown:
+            print(markdown_table(t, rank_flex_markdown_spec(t)))
+        else:
+            with pd.option_context("display.width", 250, "display.max_columns", 40, "display.precision", 3):
+                print(t)
+        path = write_text_atomic(results / f"rank_table_{adapter}_{domain}{suffix}.csv",
+                                 lambda f, t=t: t.to_csv(f, index=False))
+        print(f"written: {path}")
+    return 0
+
+
+def allocation_command(results: Path, markdown: bool, baseline: str) -> int:
+    """`table --allocation`: the allocation study's table in loss and in accuracy."""
+    import pandas as pd
+
+    from .allocation_results import allocation_table
+    from .allocation_results import markdown as allocation_markdown
+    from .results import write_text_atomic
+
+    table = allocation_table(results, baseline)
+    for x in ("loss", "acc"):
+        print(f"{x}: mean over seeds (difference from {baseline}, same seed [95% t-interval over seeds]); "
+              "stage1_first = Stage-1 adapter on the first domain, final_last / final_first = final adapter")
+        if markdown:
+            print(allocation_markdown(table, x))
+        else:
+            cols = ["run", "n_seeds"] + [c for c in table.columns if c.endswith(x) or f"_{x}_" in c] + ["params_final"]
+            with pd.option_context("display.width", 250, "display.max_columns", 40, "display.precision", 4):
+                print(table[cols])
+    path = write_text_atomic(results / "allocation_table.csv", lambda f: table.to_csv(f, index=False))
+    print(f"written: {path}")
+    return 0
+

@@ -1,0 +1,82 @@
+"""The allocation study's table and rank maps, from hand-written result folders."""
+import dataclasses
+
+import pytest
+
+from hybrid_lora.allocation_results import allocation_table, rank_maps
+from hybrid_lora.config import ExperimentConfig
+from hybrid_lora.results import write_json_atomic
+
+from conftest import write_fake_run
+
+T_975_DF1 = 12.706204736174703  # t quantile, 1 degree of freedom
+
+
+def evals(a1, b2, a2):
+    return {"A_base": {"loss": 5.0, "acc": 0.1}, "B_base": {"loss": 6.0, "acc": 0.05},
+            "A_after_stage1": {"loss": a1, "acc": 0.3}, "B_after_stage2": {"loss": b2, "acc": 0.2},
+            "A_after_stage2": {"loss": a2, "acc": 0.25}}
+
+
+def history(params):
+    return [{"stage": s, "epoch": 1, "trainable_params": params, "seconds": 1.0} for s in (1, 2)]
+
+
+@pytest.fixture
+def study(tmp_path):
+    cfg = dataclasses.replace(ExperimentConfig.smoke(), r=16, rank_schedule=(8, 8, 8))
+    for seed, (base_a1, dyn_a1, svd_a1) in {1: (4.0, 3.9, 4.1), 2: (4.2, 4.0, 4.2)}.items():
+        for method, a1, params in (("lora_small", base_a1, 800), ("dynamic", dyn_a1, None), ("lora", 4.5, 1600)):
+            d = tmp_path / method / f"seed{seed}"
+            write_fake_run(d, method, seed, evals(a1, 5.0, 4.6), history(params or 1600))
+            write_json_atomic(d / "config.json", {**cfg.to_dict(), "method": method, "seed": seed})
+        write_json_atomic(tmp_path / "dynamic" / f"seed{seed}" / "allocation.json", {
+            "schema_version": 1, "modules": ["m0", "m1"], "costs": [10, 20],
+            "epochs": [{"stage": 1, "epoch": 1, "ranks": [8, 2 * seed], "params": 790, "frozen_params": 0},
+                       {"stage": 2, "epoch": 1, "ranks": [4, 6], "params": 780, "frozen_params": 5}]})
+        write_json_atomic(tmp_path / "lora" / f"seed{seed}" / "sweep.json", [
+            {"adapter": a, "domain": dom, "kind": "svd_alloc", "scaling": "preserve", "rank": 8,
+             "loss": svd_a1 if (a, dom) == ("stage1", "A") else 5.1, "acc": 0.2}
+            for a, dom in (("stage1", "A"), ("final", "B"), ("final", "A"))])
+    return tmp_path
+
+
+def test_differences_from_the_uniform_baseline_with_seed_intervals(study):
+    t = allocation_table(study).set_index("run")
+    assert set(t.index) == {"lora_small", "dynamic", "lora svd_alloc@8"}
+    dyn = t.loc["dynamic"]
+    diffs = [3.9 - 4.0, 4.0 - 4.2]  # per seed, by hand
+    mean, sd = sum(diffs) / 2, abs(diffs[0] - diffs[1]) / 2 ** 0.5
+    assert dyn["stage1_first_loss"] == pytest.approx((3.9 + 4.0) / 2)
+    assert dyn["stage1_first_loss_diff"] == pytest.approx(mean)
+    assert dyn["stage1_first_loss_lo"] == pytest.approx(mean - T_975_DF1 * sd / 2 ** 0.5)
+    assert dyn["params_stage1"] == 790 and dyn["params_final"] == 785  # frozen ones count
+    svd = t.loc["lora svd_alloc@8"]
+    assert svd["stage1_first_loss_diff"] == pytest.approx(((4.1 - 4.0) + (4.2 - 4.2)) / 2)
+    assert svd["final_last_loss"] == pytest.approx(5.1)
+    assert svd["params_final"] == 800  # the budget: plain LoRA's 1600 parameters x 8 / 16
+    assert t.loc["lora_small", "stage1_first_loss_diff"] == 0.0
+
+
+def test_rank_maps_average_the_seeds(study):
+    maps = rank_maps(study, "dynamic")
+    assert maps["epochs"] == [(1, 1), (2, 1)] and maps["modules"] == ["m0", "m1"]
+    assert maps["ranks"] == [[8, 3], [4, 6]]  # (2 + 4) / 2 = 3
+
+
+def test_a_missing_baseline_is_named(study):
+    with pytest.raises(FileNotFoundError, match="'adalora'"):
+        allocation_table(study, baseline="adalora")
+
+
+def test_rank_map_figure_shows_the_averaged_ranks(study, tmp_path_factory):
+    import numpy as np
+
+    from hybrid_lora.plots import plot_all, plot_rank_map
+
+    fig = plot_rank_map(rank_maps(study, "dynamic"), "dynamic")
+    ax = fig.axes[0]
+    assert np.array_equal(ax.images[0].get_array(), np.array([[8, 4], [3, 6]]))  # module x epoch
+    assert ax.get_xlabel() and ax.get_ylabel() and [t.get_text() for t in ax.get_yticklabels()] == ["m0", "m1"]
+    images = tmp_path_factory.mktemp("images")
+    assert [p.name for p in plot_all(study, images, only=("rank_map",))] == ["rank_map_dynamic.png"]
