@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "adapters": ("build_model", "count_trainable_params", "flatten_lora_params", "load_adapter",
                  "lora_factors", "rebuild_model_for_new_rank"),
+    "allocation": ("save_allocated",),
+    "allocation_results": ("allocation_markdown", "allocation_table", "per_input_table", "rank_maps"),
+    "per_input": ("per_input_run",),
     "cl_results": ("cl_table", "markdown_table", "matched_gain_table", "r_matrix"),
     "config": ("SEQUENCES", "ExperimentConfig", "from_preset"),
     "evaluate": ("evaluate_loss_and_token_acc",),

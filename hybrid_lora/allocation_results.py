@@ -113,7 +113,40 @@ def rank_maps(out: str | Path, run: str) -> dict:
     return {"modules": files[0]["modules"], "epochs": epochs, "ranks": ranks, "n_seeds": len(files)}
 
 
-def markdown(table, x: str = "loss") -> str:
+def per_input_table(out: str | Path, run: str, level: float = 0.95):
+    """Rank per input against fixed and random ranks at the same average, from the
+    `per_input.json` of every seed of `run`: one row per (domain, target average) with each
+    policy's mean loss and accuracy and the realized average rank, and the paired differences
+    feature - fixed and feature - random (same seed) with t-intervals over seeds."""
+    import pandas as pd
+
+    from .per_input import PER_INPUT_FILE
+
+    per_seed = {}
+    for path in finished_runs(out):
+        if path.parent.name == run and (path / PER_INPUT_FILE).exists():
+            for r in read_json(path / PER_INPUT_FILE)["rows"]:
+                per_seed.setdefault((r["domain"], r["target_avg"]), {}).setdefault(r["policy"], {})[path.name] = r
+    if not per_seed:
+        raise FileNotFoundError(f"no {PER_INPUT_FILE} in the finished {run!r} runs under {out}: "
+                                "run `python -m hybrid_lora per-input --run <run folder>` first")
+    rows = []
+    for (domain, avg), policies in per_seed.items():
+        seeds = sorted(set.intersection(*(set(v) for v in policies.values())))
+        row = {"domain": domain, "target_avg": avg, "n_seeds": len(seeds)}
+        for name, by_seed in policies.items():
+            for x in ("loss", "acc", "avg_rank"):
+                row[f"{name}_{x}"] = sum(by_seed[s][x] for s in seeds) / len(seeds)
+        for other in ("fixed", "random"):
+            for x in ("loss", "acc"):
+                diffs = [policies["feature"][s][x] - policies[other][s][x] for s in seeds]
+                mean, lo, hi = paired_t_interval(diffs, level)
+                row[f"feature_vs_{other}_{x}"], row[f"feature_vs_{other}_{x}_lo"], row[f"feature_vs_{other}_{x}_hi"] = mean, lo, hi
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["domain", "target_avg"]).reset_index(drop=True)
+
+
+def allocation_markdown(table, x: str = "loss") -> str:
     """The table in markdown: per point the mean and the difference from the baseline [CI]."""
     head = ["run", "n"] + [f"{p} {x}" for p, _ in POINTS] + ["params (final)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

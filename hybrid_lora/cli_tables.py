@@ -97,8 +97,7 @@ def allocation_command(results: Path, markdown: bool, baseline: str) -> int:
     """`table --allocation`: the allocation study's table in loss and in accuracy."""
     import pandas as pd
 
-    from .allocation_results import allocation_table
-    from .allocation_results import markdown as allocation_markdown
+    from .allocation_results import allocation_markdown, allocation_table
     from .results import write_text_atomic
 
     table = allocation_table(results, baseline)

@@ -80,3 +80,20 @@ def test_rank_map_figure_shows_the_averaged_ranks(study, tmp_path_factory):
     assert ax.get_xlabel() and ax.get_ylabel() and [t.get_text() for t in ax.get_yticklabels()] == ["m0", "m1"]
     images = tmp_path_factory.mktemp("images")
     assert [p.name for p in plot_all(study, images, only=("rank_map",))] == ["rank_map_dynamic.png"]
+
+
+def test_per_input_table_pairs_the_policies_by_seed(tmp_path):
+    for seed, (feat, fixed, rand) in {1: (4.0, 4.1, 4.05), 2: (4.2, 4.2, 4.3)}.items():
+        d = tmp_path / "matryoshka" / f"seed{seed}"
+        write_fake_run(d, "matryoshka", seed, evals(4.0, 5.0, 4.5), history(100))
+        rows = [{"domain": "yelp", "policy": p, "target_avg": 3, "avg_rank": 3.0, "loss": v, "acc": 0.1}
+                for p, v in (("feature", feat), ("fixed", fixed), ("random", rand))]
+        write_json_atomic(d / "per_input.json", {"schema_version": 1, "rows": rows})
+    from hybrid_lora.allocation_results import per_input_table
+
+    row = per_input_table(tmp_path, "matryoshka").iloc[0]
+    assert row["n_seeds"] == 2 and row["feature_loss"] == pytest.approx(4.1)
+    assert row["feature_vs_fixed_loss"] == pytest.approx((-0.1 + 0.0) / 2)
+    assert row["feature_vs_random_loss"] == pytest.approx((-0.05 - 0.1) / 2)
+    half = T_975_DF1 * abs(-0.05 + 0.1) / 2 ** 0.5 / 2 ** 0.5
+    assert row["feature_vs_random_loss_hi"] == pytest.approx(-0.075 + half)

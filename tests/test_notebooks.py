@@ -11,7 +11,7 @@ from hybrid_lora.results import read_json, run_dir
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ["01_stage1_imdb.ipynb", "02_stage2_yelp_rank_rebuild.ipynb",
              "03_multi_seed_sweep.ipynb", "04_plots.ipynb", "05_rank_sweep.ipynb", "06_forgetting.ipynb",
-             "07_rank_flexibility.ipynb"]
+             "07_rank_flexibility.ipynb", "08_dynamic_lora.ipynb"]
 
 
 def cells(name: str) -> list[dict]:
@@ -71,6 +71,10 @@ def executed(tmp_path_factory):
         "07_rank_flexibility.ipynb": {"SMOKE": True, "OUT_DIR": str(work / "rank_flex"), "SEEDS": [42, 43],
                                       "LAMBDAS_ORDER": [0.01], "REFERENCE_RANKS": [1, 4],
                                       "N_TRAIN": 32, "N_EVAL": 16, "N_VAL": 8},
+        "08_dynamic_lora.ipynb": {"SMOKE": True, "OUT_DIR": str(work / "dynamic"), "SEEDS": [42, 43],
+                                  "IMPORTANCE_VARIANTS": ["fisher"], "LAMBDAS": {"l2": [1.0], "ewc": [1e5]},
+                                  "N_TRAIN": 32, "N_EVAL": 16, "N_VAL": 8,
+                                  "NESTED_DIR": str(work / "rank_flex" / "imdb-yelp")},
     }
     seconds, texts = {}, {}
     for name in NOTEBOOKS:
@@ -147,6 +151,20 @@ def test_rank_flexibility_notebook_compares_every_method_with_the_references(exe
         assert (out / "images" / figure).exists()
     text = executed["texts"]["07_rank_flexibility.ipynb"]
     assert "aurac" in text and "lora_r<k>" in text
+
+
+def test_dynamic_lora_notebook_compares_allocations_and_ranks_per_input(executed):
+    out = executed["work"] / "dynamic" / "imdb-code"
+    for name in ("lora_small", "dynamic", "adalora", "lora", "dynamic_protect", "l2", "ewc", "l2_lam1",
+                 "ewc_lam100000", "dynamic_fisher"):
+        assert (run_dir(out, name, 43) / "metrics.json").exists(), name
+    assert (run_dir(out, "dynamic", 42) / "allocated_final" / "adapter_config.json").exists()
+    for run in ("dynamic", "dynamic_protect", "adalora", "dynamic_fisher"):
+        assert (out / "images" / f"rank_map_{run}.png").exists()
+    text = executed["texts"]["08_dynamic_lora.ipynb"]
+    assert "lora svd_alloc@4" in text and "feature_vs_fixed_loss" in text and "lambda_star" in text
+    nested = executed["work"] / "rank_flex" / "imdb-yelp"
+    assert (run_dir(nested, "matryoshka", 42) / "per_input.json").exists()
 
 
 def summary_lines(path: Path) -> list[str]:
