@@ -31,8 +31,15 @@ import torch
 
 from .adapters import ADAPTER, is_adalora, lora_layers
 from .config import ExperimentConfig
-from .distributed import all_reduce
-from .importance import IMPORTANCES, Importance, input_variance
+from .distributed import all_reduce, broadcast, is_main
+from .importance import IMPORTANCES, Importance
+
+
+def moment_variance(m: torch.Tensor) -> torch.Tensor:
+    """The mean over features of the variance over positions, from summed moments
+    m = [sum of x^2, positions, per-feature sums of x (d)]: E[x^2] - mean_f E[x_f]^2."""
+    n = m[1].clamp(min=1)
+    return m[0] / (n * (len(m) - 2)) - (m[2:] / n).square().mean()
 
 
 def target_rank(cfg: ExperimentConfig) -> int:
@@ -83,14 +90,16 @@ def mask_to_budget(scores, costs, budget: int, fixed=None) -> list[torch.Tensor]
 @torch.no_grad()
 def revive(model) -> list[torch.Tensor]:
     """Give every zeroed component (A row and B column all zero: masked in an earlier stage) a
-    fresh A row, uniform on +-1/sqrt(in) (PEFT's kaiming init), drawn from the global RNG, and a
-    zero B column. Returns per module the bool [r] of revived components."""
+    fresh A row, uniform on +-1/sqrt(in) (PEFT's kaiming init), drawn from process 0's global RNG
+    (every process gets the same), and a zero B column. Returns per module the bool [r] of revived
+    components."""
     revived = []
     for _, mod in lora_layers(model):
         a, b = mod.lora_A[ADAPTER].weight, mod.lora_B[ADAPTER].weight
         dead = (a == 0).all(1) & (b == 0).all(0)                      # [r]
         bound = 1 / math.sqrt(a.shape[1])
-        fresh = (torch.rand(a.shape, dtype=a.dtype) * 2 - 1) * bound  # [r, in], CPU RNG
+        # other processes run their own dropout streams: the new weights must be process 0's
+        fresh = broadcast((torch.rand(a.shape, dtype=a.dtype) * 2 - 1) * bound if is_main() else None)  # [r, in]
         a.copy_(torch.where(dead[:, None], fresh.to(a.device), a))
         revived.append(dead.cpu())
     return revived
@@ -120,8 +129,8 @@ class Allocator:
         self.b0 = self._trainable_params()
         self.b_target = sum(c * target_rank(cfg) for c in self.costs)
         self.t, self.budget = 0, self.b0
-        self.var_sum = torch.zeros(len(layers), device=device)
-        self.var_n = torch.zeros((), device=device)
+        # the step's input moments per module: sum of x^2, count of positions, per-feature sums
+        self.moments = [torch.zeros(2 + a.shape[1], device=device) for a, _ in self.factors]
         self.live = [p.detach() for ab in self.factors for p in ab]
         self.before = [p.clone() for p in self.live]
         self.hooks = []
@@ -136,18 +145,25 @@ class Allocator:
 
     def _see(self, mod, x, i: int) -> None:
         if mod.training and torch.is_grad_enabled():  # training steps only, not evaluation
-            self.var_sum[i] += input_variance(x)
-            if i == 0:
-                self.var_n += 1
+            x = x.detach().reshape(-1, x.shape[-1]).float()  # [positions, in]
+            m = self.moments[i]
+            m[0] += x.square().sum()
+            m[1] += x.shape[0]
+            m[2:] += x.sum(0)
 
     def before_step(self) -> None:
         torch._foreach_copy_(self.before, self.live)
 
     def observe(self) -> None:
-        """Take this step's gradients and input variances into the importance averages."""
-        var = all_reduce(self.var_sum) / all_reduce(self.var_n).clamp(min=1)
+        """Take this step's gradients and input variances into the importance averages. The
+        variance is that of the whole step's input (every micro-batch and process: the moments
+        are summed first), so it does not depend on how the batch was split."""
+        sizes = [len(m) for m in self.moments]
+        summed = all_reduce(torch.cat(self.moments)).split(sizes)  # one collective per step
+        var = torch.stack([moment_variance(m) for m in summed])
         self.importance.observe(var)
-        self.var_sum.zero_(), self.var_n.zero_()
+        for m in self.moments:
+            m.zero_()
 
     @torch.no_grad()
     def after_step(self) -> None:

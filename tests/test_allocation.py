@@ -9,8 +9,8 @@ from peft import PeftModel
 
 from hybrid_lora import build_model, run_experiment
 from hybrid_lora.adapters import build_base_model, load_tokenizer, lora_factors
-from hybrid_lora.allocation import Allocator, budget_at, mask_to_budget, target_rank
-from hybrid_lora.importance import Importance, input_variance
+from hybrid_lora.allocation import Allocator, budget_at, mask_to_budget, moment_variance, target_rank
+from hybrid_lora.importance import Importance
 from hybrid_lora.results import read_json, run_dir
 
 from conftest import randomize_lora, tiny_config
@@ -86,9 +86,33 @@ def test_importance_averages_against_a_per_weight_loop():
     assert imp.scores("sensitivity")[0].tolist() == pytest.approx(sens, rel=1e-5)
     assert imp.scores("fisher")[0].tolist() == pytest.approx(fisher, rel=1e-5)
     assert imp.scores("activation")[0].tolist() == pytest.approx(act, rel=1e-5)
-    x = torch.randn(2, 7, 4, generator=g)
-    slow = sum(x[..., f].flatten().var(unbiased=False) for f in range(4)) / 4
-    assert float(input_variance(x)) == pytest.approx(float(slow), rel=1e-5)
+
+
+def test_input_variance_is_the_whole_step_s_however_the_batch_is_split():
+    """The allocator sums the input moments over micro-batches (and processes) before taking
+    the variance: a batch fed whole or in two halves gives the same, equal to a slow loop."""
+    cfg = all_linear(lora_dropout=0.0)
+    model, _ = build_model(cfg)
+    model.train()  # (the allocator watches training steps) without the base's dropout
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    alloc = Allocator(model, cfg, total=10)
+    seen = []
+    first = model.get_submodule(alloc.names[0].join(["base_model.model.", ""]))
+    hook = first.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    ids = torch.randint(1, 257, (4, 16), generator=torch.Generator().manual_seed(3))
+    model(input_ids=ids)
+    whole = [float(moment_variance(m)) for m in alloc.moments]
+    for m in alloc.moments:
+        m.zero_()
+    model(input_ids=ids[:2]), model(input_ids=ids[2:])
+    halves = [float(moment_variance(m)) for m in alloc.moments]
+    assert halves == pytest.approx(whole, rel=1e-5)
+    x = seen[0].reshape(-1, seen[0].shape[-1]).double()  # [positions, in] of the whole batch
+    slow = sum(x[:, f].var(unbiased=False) for f in range(x.shape[1])) / x.shape[1]
+    assert whole[0] == pytest.approx(float(slow), rel=1e-5)
+    hook.remove(), alloc.close()
 
 
 def test_masked_components_contribute_nothing_and_keep_their_weights():

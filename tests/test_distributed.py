@@ -51,11 +51,12 @@ def assert_close(a: dict, b: dict, rel: float) -> None:
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    args = ARGS[:-1] + ["lora_dropout=0", "--no-progress", "--methods", "lora", "hybrid"]
+    args = ARGS[:-1] + ["lora_dropout=0", "--no-progress", "--methods", "lora", "hybrid", "dynamic"]
     one, two = launch(tmp_path / "one", 1, args), launch(tmp_path / "two", 2, args)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
-    for method in ("lora", "hybrid"):  # hybrid: ordering + DC terms and the 8 -> 4 -> 2 rank changes
+    # hybrid: ordering + DC terms and the 8 -> 4 -> 2 rank changes; dynamic: masks from summed moments and gradients
+    for method in ("lora", "hybrid", "dynamic"):
         assert_close(run_numbers(tmp_path / "one", method), run_numbers(tmp_path / "two", method), 1e-5)
     assert two.stdout.count("results:") == 1  # only process 0 reports
     assert not list((tmp_path / "two").rglob(".lock")) and not list((tmp_path / "two").rglob("checkpoints"))
