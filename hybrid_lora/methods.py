@@ -83,8 +83,10 @@ class Method:
         """What of the method Stage 1 depends on: equal signatures (and configs) train the
         same Stage 1, so one run can reuse another's (`share_stage1`)."""
         nested = True if self.nested == "dylora" else self.nested  # True: DyLoRA in older keys
+        # dynamic and dynamic_protect differ only from Stage 2 on
+        allocation = "allocate" if self.allocation in ("budget", "protect") else self.allocation
         return (self.order, nested, self.small) + (("all",) if self.data == "all" else ()) \
-            + ((self.allocation,) if self.allocation else ())
+            + ((allocation,) if allocation else ())
 
     def reads_target_rank(self) -> bool:
         """Whether Stage 1 already depends on the rank schedule's last rank (trained at it, or

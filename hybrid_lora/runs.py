@@ -193,6 +193,8 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
     elif donor is not None:  # Stage 1 done elsewhere: take its adapter, history and evaluations
         shared = read_json(donor / STAGE1_FILE)
         copy_dir(donor / "adapter_stage1", rd / "adapter_stage1")
+        if (donor / "allocated_stage1").is_dir():  # an allocating method's cut adapter
+            copy_dir(donor / "allocated_stage1", rd / "allocated_stage1")
         write_json_atomic(rd / STAGE1_FILE, {**shared, "copied_from": str(donor.relative_to(out_dir))},
                           indent=None)
         barrier()  # process 0 copied it

@@ -201,6 +201,8 @@ def test_the_allocated_adapter_reloads_with_its_per_module_ranks(dynamic_runs, m
 def test_protect_freezes_what_stage1_kept_and_trains_the_revived(dynamic_runs):
     cfg, out = dynamic_runs
     rd = run_dir(out, "dynamic_protect", 42)
+    assert read_json(rd / "stage1.json")["copied_from"] == "dynamic/seed42"  # the same Stage 1
+    assert (rd / "allocated_stage1" / "adapter_config.json").exists()
     tok = load_tokenizer(cfg)
     s1, fin = (lora_factors(PeftModel.from_pretrained(build_base_model(cfg, len(tok)), rd / d))
                for d in ("adapter_stage1", "adapter_final"))
