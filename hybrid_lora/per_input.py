@@ -6,7 +6,8 @@ positions (mean over features), computed inside the same forward pass before any
 acts. Policy for a target average rank a with trained levels k_lo < a < k_hi adjacent in K
 (1, 2, 4, ... up to r): the share p = (a - k_lo) / (k_hi - k_lo) of sequences with the highest
 feature get rank k_hi, the others k_lo, a monotone map whose threshold is the (1 - p) quantile
-of the feature on held-out training texts (the validation texts of every domain, pooled).
+of the feature on held-out training texts of the same domain (its validation texts), so the
+average rank given on each domain is close to a and the comparison with a fixed cut is matched.
 Controls at the same average: "random" (the same two ranks, k_hi with probability p, a seeded
 draw per sequence) and "fixed" (every sequence cut to rank a). Every cut keeps the first k
 components under the method's scaling (`Method.cut_scaling`).
@@ -124,7 +125,7 @@ def default_averages(r: int) -> list[int]:
 def per_input_run(run: str | Path, averages=None, device: str = "cpu", progress: bool = True) -> dict:
     """Rank per input on a finished nested run's final adapter, on each domain's evaluation
     texts, for every policy and average rank (`default_averages` by default); calibrated on
-    the pooled validation texts. Writes and returns `<run>/per_input.json`."""
+    that domain's validation texts. Writes and returns `<run>/per_input.json`."""
     from tqdm.auto import tqdm
 
     from .methods import get_method
@@ -142,16 +143,17 @@ def per_input_run(run: str | Path, averages=None, device: str = "cpu", progress:
     model = load_adapter(cfg, run / "adapter_final", device)
     r, scaling = current_rank(model), method.cut_scaling(cfg)
     full = lambda f: torch.full(f.shape, r, dtype=torch.long)  # noqa: E731
-    calibration = torch.tensor([x for ld in loaders for x in evaluate_per_row(model, ld.val, full, scaling)["features"]])
+    calibration = {d: torch.tensor(evaluate_per_row(model, ld.val, full, scaling)["features"])
+                   for d, ld in zip(cfg.domains, loaders)}
     averages = list(averages or default_averages(r))
     rows = []
     jobs = [(d, ld, kind, a) for d, ld in zip(cfg.domains, loaders) for a in averages for kind in POLICIES]
     for domain, ld, kind, avg in tqdm(jobs, desc="per-input rank", disable=not progress):
-        choose, info = policy(kind, avg, r, calibration)
+        choose, info = policy(kind, avg, r, calibration[domain])
         ev = evaluate_per_row(model, ld.eval, choose, scaling)
         rows.append({"domain": domain, "policy": kind, "target_avg": avg, "avg_rank": ev["avg_rank"],
                      "loss": ev["loss"], "acc": ev["acc"], **info})
     out = {"schema_version": PER_INPUT_SCHEMA, "adapter": "final", "r": r, "scaling": scaling,
-           "n_calibration": len(calibration), "rows": rows}
+           "n_calibration": {d: len(c) for d, c in calibration.items()}, "rows": rows}
     write_json_atomic(run / PER_INPUT_FILE, out)
     return out
