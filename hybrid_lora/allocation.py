@@ -122,6 +122,7 @@ class Allocator:
             [torch.zeros(r, dtype=torch.bool) for _ in layers]
         self.masks = [torch.ones(r, dtype=torch.bool) for _ in layers]
         self.on = [torch.ones(r, device=device) for _ in layers]  # the hooks' multipliers
+        self.train = [torch.ones(r, dtype=torch.bool, device=device) for _ in layers]  # updated ones
         self.importance = Importance(self.factors, [m.scaling[ADAPTER] for _, m in layers],
                                      cfg.alloc_beta1, cfg.alloc_beta2)
         self.kind, self.delta_t, self.total = cfg.importance, cfg.alloc_delta_t, total
@@ -133,6 +134,7 @@ class Allocator:
         self.moments = [torch.zeros(2 + a.shape[1], device=device) for a, _ in self.factors]
         self.live = [p.detach() for ab in self.factors for p in ab]
         self.before = [p.clone() for p in self.live]
+        self._sync()  # frozen components are never updated
         self.hooks = []
         for i, (_, mod) in enumerate(layers):
             self.hooks.append(mod.register_forward_pre_hook(lambda m, args, i=i: self._see(m, args[0], i)))
@@ -169,17 +171,15 @@ class Allocator:
     def after_step(self) -> None:
         """Put back masked and frozen components; advance the schedule, re-masking on it."""
         for i, (a, b) in enumerate(self.factors):
-            train = (self.masks[i] & ~self.frozen[i]).to(a.device)
-            a.copy_(torch.where(train[:, None], a, self.before[2 * i]))
-            b.copy_(torch.where(train[None, :], b, self.before[2 * i + 1]))
+            a.copy_(torch.where(self.train[i][:, None], a, self.before[2 * i]))
+            b.copy_(torch.where(self.train[i][None, :], b, self.before[2 * i + 1]))
         self.t += 1
         budget, remask = budget_at(self.t, self.total, self.t_init, self.t_final, self.b0,
                                    self.b_target, self.delta_t)
         if remask:
             self.budget = budget
             self.masks = mask_to_budget(self.importance.scores(self.kind), self.costs, self.budget, self.frozen)
-            for on, m in zip(self.on, self.masks):
-                on.copy_(m)
+            self._sync()
 
     def params(self, frozen: bool = False) -> int:
         """Parameters of the kept components that train (`frozen=True`: of the frozen ones)."""
@@ -211,8 +211,14 @@ class Allocator:
         self.masks, self.frozen = list(state["masks"].clone()), list(state["frozen"].clone())
         self.b0 = self._trainable_params()
         self.importance.load_state_dict(state["importance"])
-        for on, m in zip(self.on, self.masks):
+        self._sync()
+
+    def _sync(self) -> None:
+        """Copy the masks to the device once per change, not per step: the hooks' multipliers
+        and the components each step updates (kept, not frozen)."""
+        for on, train, m, f in zip(self.on, self.train, self.masks, self.frozen):
             on.copy_(m)
+            train.copy_(m & ~f)
 
     def close(self) -> None:
         for h in self.hooks:
