@@ -12,7 +12,9 @@ trained at rank k, L_base the base model, all on the same texts. AURAC is the ar
 over log2 k from the smallest to the largest rank, divided by that width (trapezoids): 1.0 =
 as good as a LoRA trained at every rank. The time ratio is the run's fastest epoch (training
 steps without the evaluation, `train_seconds`) over that of the plain reference run of the same
-seed. Every number is a mean with a t-interval over seeds. A method swept over a lambda is
+seed. `d_aurac` is the paired comparison with the baseline that costs no extra training (the
+reference cut by SVD): per seed, the run's AURAC minus that baseline's, so a method is better
+only where this interval excludes zero. Every number is a mean with a t-interval over seeds. A method swept over a lambda is
 reported at the lambda with the best mean AURAC on the validation texts (domain `A_val` for
 the Stage-1 adapter, `B_val` for the final one): never chosen on the reported texts.
 """
@@ -125,10 +127,12 @@ def choose_lambdas(sweeps, adapter: str, val_domain: str, reference: str = "lora
 
 
 def rank_flex_benchmark(out: str | Path, adapter: str = "stage1", domain: str = "A",
-                        reference: str = "lora", level: float = 0.95):
+                        reference: str = "lora", level: float = 0.95, versus: str = "svd"):
     """One row per compared (run, kind, scaling) of `adapter` on `domain`: kept share of the
     per-rank reference's gain in loss at every reference rank and AURAC in loss and accuracy
-    (mean and t-interval over seeds), the time ratio to the reference run, and `chosen`:
+    (mean and t-interval over seeds), `d_aurac`: AURAC minus that of the reference cut by
+    `versus`, paired by seed (NaN where that cut was not swept), the time ratio to the reference
+    run, and `chosen`:
     whether the run is its method's lambda chosen on the validation texts (runs of other
     lambdas are listed with chosen False). Then one row for the reference itself: its loss
     per rank (`loss_<k>`)."""
@@ -142,6 +146,7 @@ def rank_flex_benchmark(out: str | Path, adapter: str = "stage1", domain: str = 
               if val_domain in set(sweeps["domain"]) else {})
     seconds = train_seconds(out)
     ranks = sorted(next(iter(ref_loss.values())))
+    baseline = next((v for (run, kind, _), v in shares.items() if (run, kind) == (reference, versus)), {})
     rows = []
     for (run, kind, scaling), per_seed in shares.items():
         family = _LAMBDA.fullmatch(run)[1] if _LAMBDA.fullmatch(run) else run
@@ -152,6 +157,8 @@ def rank_flex_benchmark(out: str | Path, adapter: str = "stage1", domain: str = 
                 paired_t_interval([v[k] for v in per_seed.values()], level)
         row["aurac"], row["aurac_lo"], row["aurac_hi"] = \
             paired_t_interval([aurac(v) for v in per_seed.values()], level)
+        row["d_aurac"], row["d_aurac_lo"], row["d_aurac_hi"] = paired_t_interval(
+            [aurac(v) - aurac(baseline[s]) for s, v in per_seed.items() if s in baseline], level)
         acc = acc_shares.get((run, kind, scaling), {})
         row["aurac_acc"], row["aurac_acc_lo"], row["aurac_acc_hi"] = \
             paired_t_interval([aurac(v) for v in acc.values()], level)
@@ -175,4 +182,5 @@ def rank_flex_markdown_spec(table) -> tuple:
             *((f"kept at {k}", (f"kept_{k}", f"kept_{k}_lo", f"kept_{k}_hi"), ".2f") for k in ranks),
             ("AURAC (loss)", ("aurac", "aurac_lo", "aurac_hi"), ".3f"),
             ("AURAC (acc)", ("aurac_acc", "aurac_acc_lo", "aurac_acc_hi"), ".3f"),
+            ("AURAC - LoRA SVD, paired", ("d_aurac", "d_aurac_lo", "d_aurac_hi"), "+.3f"),
             ("time / LoRA", ("time", "time_lo", "time_hi"), ".2f"))

@@ -106,3 +106,24 @@ def test_a_seed_whose_references_are_unfinished_is_left_out(bench):
     table, ref = rank_flex_benchmark(bench, "final", "B")
     assert (table["n_seeds"] == 2).all() and ref.loc[0, "n_seeds"] == 2
     assert [c for c in table.columns if c.startswith("kept_") and c.count("_") == 1] == ["kept_1", "kept_2", "kept_4"]
+
+
+def test_aurac_is_compared_with_svd_of_the_reference_paired_by_seed(bench):
+    """Seed 1's SVD cuts keep 0.9, 0.95, 1 of the gain (AURAC 0.95), seed 2's 0.8, 0.9, 1 (0.9);
+    matryoshka's AURAC is 0.78125 in both seeds, so the differences are -0.16875 and -0.11875."""
+    from hybrid_lora.results import read_json
+
+    svd = {1: {1: 4.82, 2: 4.62, 4: 4.2}, 2: {1: 4.84, 2: 4.64, 4: 4.2}}
+    for seed, losses in svd.items():
+        path = bench / "lora" / f"seed{seed}" / "sweep.json"
+        extra = [dict(row, kind="svd") for row in rows(4, losses, "B")]
+        write_json_atomic(path, read_json(path) + extra)
+    t = rank_flex_benchmark(bench, "final", "B")[0].set_index(["run", "kind"])
+    assert t.loc[("lora", "svd"), "aurac"] == pytest.approx(0.925)
+    m = t.loc[("matryoshka", "slice")]
+    half = 12.7062047 * (0.05 / math.sqrt(2)) / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
+    assert m["d_aurac"] == pytest.approx(-0.14375)
+    assert (m["d_aurac_lo"], m["d_aurac_hi"]) == pytest.approx((-0.14375 - half, -0.14375 + half), abs=1e-6)
+    assert t.loc[("lora", "svd"), "d_aurac"] == 0.0
+    plain = rank_flex_benchmark(bench, "final", "B", versus="none")[0]  # no such cut: NaN, not 0
+    assert plain["d_aurac"].isna().all()
