@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--reference", metavar="RUN",
                        help="with --rank-sweep: shares of this run's uncut gain (same seed), e.g. lora; "
                             "with --allocation: the baseline (default lora_small); "
-                            "with --rank-flex: the method trained at each rank (default lora)")
+                            "with --rank-flex: the method trained at each rank (default lora); "
+                            "with --matched-gain: the run whose validation gain is matched and whose "
+                            "forgetting is subtracted (default lora), e.g. dynamic_protect")
     table.add_argument("--allocation", action="store_true",
                        help="instead: the allocation study (preset dynamic): allocating methods, uniform LoRA "
                             "at the budget and plain LoRA cut to it by SVD, loss and accuracy after each stage "

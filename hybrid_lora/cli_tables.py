@@ -10,7 +10,7 @@ def table_command(args: argparse.Namespace) -> int:
     """`table`: print the continual-learning table and write it to <results>/cl_table.csv."""
     import pandas as pd
 
-    from .cl_results import CL_MARKDOWN, MATCHED_MARKDOWN, cl_table, markdown_table, matched_gain_table
+    from .cl_results import BASELINE, CL_MARKDOWN, cl_table, markdown_table, matched_gain_table, matched_markdown
     from .results import write_text_atomic
 
     results = Path(args.results)
@@ -23,7 +23,8 @@ def table_command(args: argparse.Namespace) -> int:
     table = cl_table(results, n_boot=args.n_boot)
     tables = [(table, CL_MARKDOWN, "cl_table.csv", True)]
     if args.matched_gain is not None:
-        tables.append((matched_gain_table(results, args.matched_gain), MATCHED_MARKDOWN,
+        baseline = args.reference or BASELINE
+        tables.append((matched_gain_table(results, args.matched_gain, baseline), matched_markdown(baseline),
                        "matched_gain.csv", False))
     cols = ["method", "lambda", "n_seeds", "delta_loss_first", "new_gain", "d_forget_seed",
             "d_forget_seed_lo", "d_forget_seed_hi", "d_new_gain_seed", "d_new_gain_seed_lo",

@@ -176,3 +176,23 @@ def test_the_readme_smoke_table_is_the_table_command_output_pasted():
     assert "python -m hybrid_lora table --results results/smoke --markdown" in usage
     assert table in usage, "docs/usage.md's smoke table differs from `table --markdown` on results/smoke"
     assert re.search(r"\| lora \|", table)
+
+
+def test_matched_gain_against_another_baseline_from_the_command_line(tmp_path, capsys):
+    """`table --matched-gain 1.0 --reference dynamic_protect`: l2 is interpolated to the
+    baseline's validation gain (1.5: exactly its lambda 0.1 point) and compared with it."""
+    from hybrid_lora.cli import main
+
+    for seed, protect_forget in ((1, 0.2), (2, 0.3)):
+        _run(tmp_path, "lora", "lora", seed, *_curve(0.6, 2.0, 2.0))
+        _run(tmp_path, "dynamic_protect", "dynamic_protect", seed, *_curve(protect_forget, 1.4, 1.5))
+        for lam, forget, test_gain, val_gain in ((0.01, 0.3, 1.95, 1.9), (0.1, 0.1, 1.45, 1.5), (1.0, 0.0, 0.5, 0.5)):
+            _run(tmp_path, f"l2_lam{lam:g}", "l2", seed, *_curve(forget, test_gain, val_gain), lam=lam)
+    assert main(["table", "--results", str(tmp_path), "--matched-gain", "1.0", "--reference",
+                 "dynamic_protect", "--markdown", "--n-boot", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "Δ(Δloss on first) vs dynamic_protect [95% seed CI]" in out
+    t = pd.read_csv(tmp_path / "matched_gain.csv").set_index("method")
+    assert t.loc["l2", "lambda_star"] == pytest.approx(0.1)
+    assert t.loc["l2", "d_forget"] == pytest.approx(((0.1 - 0.2) + (0.1 - 0.3)) / 2)
+    assert t.loc["l2", "d_gain"] == pytest.approx(1.45 - 1.4)
