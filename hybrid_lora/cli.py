@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: the rank-flexibility benchmark (run with --ranks lora=1,2,...): per "
                             "rank the share of the gain of a LoRA trained at that rank, AURAC, time / LoRA, "
                             "seed-level CIs, lambdas chosen on validation texts; writes rank_flex_<adapter>_<domain>.csv")
+    table.add_argument("--per-input", metavar="RUN",
+                       help="instead: rank per input of RUN's per_input.json files (command per-input) against "
+                            "fixed and random ranks at the same average, paired by seed; writes per_input_table.csv")
     sweep = sub.add_parser("sweep-ranks", parents=[common], help="evaluate a run's saved adapters cut to each rank "
                                               "(no training); merges into <run>/sweep.json")
     sweep.add_argument("--run", required=True, help="a run folder, <out>/<method>/seed<k>")

@@ -14,6 +14,8 @@ def table_command(args: argparse.Namespace) -> int:
     from .results import write_text_atomic
 
     results = Path(args.results)
+    if args.per_input:
+        return per_input_command(results, args.markdown, args.per_input)
     if args.allocation:
         return allocation_command(results, args.markdown, args.reference or "lora_small")
     if args.rank_flex:
@@ -115,3 +117,37 @@ def allocation_command(results: Path, markdown: bool, baseline: str) -> int:
     print(f"written: {path}")
     return 0
 
+
+
+PER_INPUT_MARKDOWN = (
+    ("domain", "domain", "s"), ("target avg rank", "target_avg", "d"), ("n", "n_seeds", "d"),
+    ("avg rank given (feature)", "feature_avg_rank", ".2f"), ("loss, fixed", "fixed_loss", ".4f"),
+    ("loss, feature", "feature_loss", ".4f"),
+    ("feature - fixed (loss) [95% seed CI]", ("feature_vs_fixed_loss", "feature_vs_fixed_loss_lo",
+                                              "feature_vs_fixed_loss_hi"), "+.4f"),
+    ("feature - random (loss) [95% seed CI]", ("feature_vs_random_loss", "feature_vs_random_loss_lo",
+                                               "feature_vs_random_loss_hi"), "+.4f"),
+    ("feature - fixed (acc) [95% seed CI]", ("feature_vs_fixed_acc", "feature_vs_fixed_acc_lo",
+                                             "feature_vs_fixed_acc_hi"), "+.4f"),
+)
+
+
+def per_input_command(results: Path, markdown: bool, run: str) -> int:
+    """`table --per-input RUN`: `per_input_table` of RUN, printed and written as per_input_table.csv."""
+    import pandas as pd
+
+    from .allocation_results import per_input_table
+    from .cl_results import markdown_table
+    from .results import write_text_atomic
+
+    table = per_input_table(results, run)
+    print(f"{run}: rank per input (feature) against a fixed cut and random ranks at the same average; "
+          "differences feature - control, same seed, nats/token (loss) and share of tokens (acc)")
+    if markdown:
+        print(markdown_table(table, PER_INPUT_MARKDOWN))
+    else:
+        with pd.option_context("display.width", 250, "display.max_columns", 40, "display.precision", 4):
+            print(table)
+    path = write_text_atomic(results / "per_input_table.csv", lambda f: table.to_csv(f, index=False))
+    print(f"written: {path}")
+    return 0

@@ -97,3 +97,18 @@ def test_per_input_table_pairs_the_policies_by_seed(tmp_path):
     assert row["feature_vs_random_loss"] == pytest.approx((-0.05 - 0.1) / 2)
     half = T_975_DF1 * abs(-0.05 + 0.1) / 2 ** 0.5 / 2 ** 0.5
     assert row["feature_vs_random_loss_hi"] == pytest.approx(-0.075 + half)
+
+
+def test_per_input_table_command(tmp_path, capsys):
+    """`table --per-input matryoshka --markdown` prints the paired differences of the hand numbers
+    above (feature - fixed: -0.1 and 0.0; t-interval with t(0.975, 1))."""
+    import pandas as pd
+
+    from hybrid_lora.cli import main
+
+    test_per_input_table_pairs_the_policies_by_seed(tmp_path)
+    assert main(["table", "--results", str(tmp_path), "--per-input", "matryoshka", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    half = T_975_DF1 * 0.1 / 2 ** 0.5 / 2 ** 0.5
+    assert f"| yelp | 3 | 2 | 3.00 | 4.1500 | 4.1000 | -0.0500 [{-0.05 - half:+.4f}, {-0.05 + half:+.4f}] |" in out
+    assert pd.read_csv(tmp_path / "per_input_table.csv")["feature_vs_fixed_loss"].iloc[0] == pytest.approx(-0.05)
