@@ -146,6 +146,20 @@ def per_input_table(out: str | Path, run: str, level: float = 0.95):
     return pd.DataFrame(rows).sort_values(["domain", "target_avg"]).reset_index(drop=True)
 
 
+# (header, column or (mean, lo, hi) columns, format): `cl_results.markdown_table` of a per_input_table
+PER_INPUT_MARKDOWN = (
+    ("domain", "domain", "s"), ("target avg rank", "target_avg", "d"), ("n", "n_seeds", "d"),
+    ("avg rank given (feature)", "feature_avg_rank", ".2f"), ("loss, fixed", "fixed_loss", ".4f"),
+    ("loss, feature", "feature_loss", ".4f"),
+    ("feature - fixed (loss) [95% seed CI]", ("feature_vs_fixed_loss", "feature_vs_fixed_loss_lo",
+                                              "feature_vs_fixed_loss_hi"), "+.4f"),
+    ("feature - random (loss) [95% seed CI]", ("feature_vs_random_loss", "feature_vs_random_loss_lo",
+                                               "feature_vs_random_loss_hi"), "+.4f"),
+    ("feature - fixed (acc) [95% seed CI]", ("feature_vs_fixed_acc", "feature_vs_fixed_acc_lo",
+                                             "feature_vs_fixed_acc_hi"), "+.4f"),
+)
+
+
 def allocation_markdown(table, x: str = "loss") -> str:
     """The table in markdown: per point the mean and the difference from the baseline [CI]."""
     head = ["run", "n"] + [f"{p} {x}" for p, _ in POINTS] + ["params (final)"]

@@ -118,25 +118,11 @@ def allocation_command(results: Path, markdown: bool, baseline: str) -> int:
     return 0
 
 
-
-PER_INPUT_MARKDOWN = (
-    ("domain", "domain", "s"), ("target avg rank", "target_avg", "d"), ("n", "n_seeds", "d"),
-    ("avg rank given (feature)", "feature_avg_rank", ".2f"), ("loss, fixed", "fixed_loss", ".4f"),
-    ("loss, feature", "feature_loss", ".4f"),
-    ("feature - fixed (loss) [95% seed CI]", ("feature_vs_fixed_loss", "feature_vs_fixed_loss_lo",
-                                              "feature_vs_fixed_loss_hi"), "+.4f"),
-    ("feature - random (loss) [95% seed CI]", ("feature_vs_random_loss", "feature_vs_random_loss_lo",
-                                               "feature_vs_random_loss_hi"), "+.4f"),
-    ("feature - fixed (acc) [95% seed CI]", ("feature_vs_fixed_acc", "feature_vs_fixed_acc_lo",
-                                             "feature_vs_fixed_acc_hi"), "+.4f"),
-)
-
-
 def per_input_command(results: Path, markdown: bool, run: str) -> int:
     """`table --per-input RUN`: `per_input_table` of RUN, printed and written as per_input_table.csv."""
     import pandas as pd
 
-    from .allocation_results import per_input_table
+    from .allocation_results import PER_INPUT_MARKDOWN, per_input_table
     from .cl_results import markdown_table
     from .results import write_text_atomic
 

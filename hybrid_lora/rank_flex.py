@@ -14,9 +14,10 @@ as good as a LoRA trained at every rank. The time ratio is the run's fastest epo
 steps without the evaluation, `train_seconds`) over that of the plain reference run of the same
 seed. `d_aurac` is the paired comparison with the baseline that costs no extra training (the
 reference cut by SVD): per seed, the run's AURAC minus that baseline's, so a method is better
-only where this interval excludes zero. Every number is a mean with a t-interval over seeds. A method swept over a lambda is
-reported at the lambda with the best mean AURAC on the validation texts (domain `A_val` for
-the Stage-1 adapter, `B_val` for the final one): never chosen on the reported texts.
+only where this interval excludes zero. Every number is a mean with a t-interval over seeds.
+A method swept over a lambda is reported at the lambda with the best mean AURAC on the
+validation texts (domain `A_val` for the Stage-1 adapter, `B_val` for the final one): never
+chosen on the reported texts.
 """
 from __future__ import annotations
 

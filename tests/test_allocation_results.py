@@ -82,13 +82,18 @@ def test_rank_map_figure_shows_the_averaged_ranks(study, tmp_path_factory):
     assert [p.name for p in plot_all(study, images, only=("rank_map",))] == ["rank_map_dynamic.png"]
 
 
-def test_per_input_table_pairs_the_policies_by_seed(tmp_path):
+def _per_input_runs(tmp_path):
+    """Two seeds of per_input.json with hand-written losses (feature, fixed, random) at average 3."""
     for seed, (feat, fixed, rand) in {1: (4.0, 4.1, 4.05), 2: (4.2, 4.2, 4.3)}.items():
         d = tmp_path / "matryoshka" / f"seed{seed}"
         write_fake_run(d, "matryoshka", seed, evals(4.0, 5.0, 4.5), history(100))
         rows = [{"domain": "yelp", "policy": p, "target_avg": 3, "avg_rank": 3.0, "loss": v, "acc": 0.1}
                 for p, v in (("feature", feat), ("fixed", fixed), ("random", rand))]
         write_json_atomic(d / "per_input.json", {"schema_version": 1, "rows": rows})
+
+
+def test_per_input_table_pairs_the_policies_by_seed(tmp_path):
+    _per_input_runs(tmp_path)
     from hybrid_lora.allocation_results import per_input_table
 
     row = per_input_table(tmp_path, "matryoshka").iloc[0]
@@ -106,7 +111,7 @@ def test_per_input_table_command(tmp_path, capsys):
 
     from hybrid_lora.cli import main
 
-    test_per_input_table_pairs_the_policies_by_seed(tmp_path)
+    _per_input_runs(tmp_path)
     assert main(["table", "--results", str(tmp_path), "--per-input", "matryoshka", "--markdown"]) == 0
     out = capsys.readouterr().out
     half = T_975_DF1 * 0.1 / 2 ** 0.5 / 2 ** 0.5
