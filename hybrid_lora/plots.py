@@ -223,6 +223,36 @@ def plot_rank_map(maps: dict, run: str):
     return fig
 
 
+def plot_per_input(table, run: str):
+    """Rank per input against fixed and random ranks at the same average, from
+    `allocation_results.per_input_table`: per domain (columns), the mean loss over seeds against
+    the average rank given (top), and the paired differences feature - fixed and
+    feature - random with their 95 % seed intervals (bottom; below 0 the feature helps)."""
+    domains = sorted(table["domain"].unique())
+    fig, axes = plt.subplots(2, len(domains), figsize=(5 * len(domains), 7), squeeze=False, sharex="col")
+    for j, domain in enumerate(domains):
+        t = table[table["domain"] == domain].sort_values("target_avg")
+        top, bottom = axes[0, j], axes[1, j]
+        for policy, marker in (("fixed", "s"), ("feature", "o"), ("random", "^")):
+            top.plot(t[f"{policy}_avg_rank"], t[f"{policy}_loss"], marker=marker, label=policy)
+        for k, (other, marker) in enumerate((("fixed", "s"), ("random", "^"))):
+            d, lo, hi = (t[f"feature_vs_{other}_loss{x}"] for x in ("", "_lo", "_hi"))
+            x = t["target_avg"] * (1.04 if k else 1 / 1.04)  # side by side on the log axis
+            bottom.errorbar(x, d, yerr=[d - lo, hi - d], fmt=marker, capsize=3, label=f"feature − {other}")
+        bottom.axhline(0.0, color="grey", lw=1, ls=":")
+        top.set_title(f"{domain} ({int(t['n_seeds'].min())} seeds)")
+        top.set_ylabel("loss (nats / token), mean over seeds")
+        bottom.set_ylabel("paired difference in loss\n(nats / token, 95 % seed CI)")
+        bottom.set_xlabel("average rank (log2 axis; top: as given, bottom: the target)")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{run}: rank chosen per input against one rank for every input, at the same average")
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Save as PNG (150 dpi), creating folders; returns the path."""
     path = Path(path)
@@ -235,8 +265,9 @@ def save_figure(fig, path: str | Path) -> Path:
 def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ()) -> list[Path]:
     """Redraw every figure of the results folder `out` into `image_dir` (with `only`, just
     those whose file name starts with one of its entries, e.g. ("pareto",)); returns the PNG paths."""
-    from .allocation_results import rank_maps
+    from .allocation_results import per_input_table, rank_maps
     from .cl_results import BASELINE, cl_table
+    from .per_input import PER_INPUT_FILE
     from .results import ALLOCATION_FILE, load_history, load_summary
     from .sweep_results import load_sweeps
 
@@ -268,6 +299,11 @@ def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ())
     for run in allocated:
         if want(f"rank_map_{run}"):
             paths.append(save_figure(plot_rank_map(rank_maps(out, run), run), Path(image_dir) / f"rank_map_{run}.png"))
+    for run in sorted({p.parent.parent.name for p in Path(out).glob(f"*/seed*/{PER_INPUT_FILE}")
+                       if (p.parent / "metrics.json").exists()}):
+        if want(f"per_input_{run}"):
+            paths.append(save_figure(plot_per_input(per_input_table(out, run), run),
+                                     Path(image_dir) / f"per_input_{run}.png"))
     if only and not (want("rank_sweep") or want("rank_flex")):
         return paths
     try:

@@ -117,3 +117,25 @@ def test_per_input_table_command(tmp_path, capsys):
     half = T_975_DF1 * 0.1 / 2 ** 0.5 / 2 ** 0.5
     assert f"| yelp | 3 | 2 | 3.00 | 4.1500 | 4.1000 | -0.0500 [{-0.05 - half:+.4f}, {-0.05 + half:+.4f}] |" in out
     assert pd.read_csv(tmp_path / "per_input_table.csv")["feature_vs_fixed_loss"].iloc[0] == pytest.approx(-0.05)
+
+
+def test_per_input_figure_shows_the_paired_differences(tmp_path, tmp_path_factory):
+    """The bottom panel plots feature - fixed and feature - random of the hand numbers above:
+    means -0.05 and -0.075, with the t-interval as error bars."""
+    import numpy as np
+
+    from hybrid_lora.allocation_results import per_input_table
+    from hybrid_lora.plots import plot_all, plot_per_input
+
+    _per_input_runs(tmp_path)
+    fig = plot_per_input(per_input_table(tmp_path, "matryoshka"), "matryoshka")
+    top, bottom = fig.axes[0], fig.axes[1]
+    assert np.allclose([line.get_ydata()[0] for line in top.get_lines()], [4.15, 4.1, 4.175])  # fixed, feature, random
+    means = [c.lines[0].get_ydata()[0] for c in bottom.containers]
+    assert np.allclose(means, [-0.05, -0.075])
+    half = T_975_DF1 * 0.1 / 2 ** 0.5 / 2 ** 0.5
+    bar = bottom.containers[0].lines[2][0].get_segments()[0]  # feature - fixed: [lo, hi] at x = 3 / 1.04
+    assert np.allclose(bar[:, 1], [-0.05 - half, -0.05 + half])
+    assert bottom.get_xlabel() and bottom.get_ylabel() and top.get_ylabel()
+    images = tmp_path_factory.mktemp("images")
+    assert [p.name for p in plot_all(tmp_path, images, only=("per_input",))] == ["per_input_matryoshka.png"]
