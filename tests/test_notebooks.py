@@ -165,6 +165,7 @@ def test_dynamic_lora_notebook_compares_allocations_and_ranks_per_input(executed
     assert "lora svd_alloc@4" in text and "feature_vs_fixed_loss" in text and "lambda_star" in text
     nested = executed["work"] / "rank_flex" / "imdb-yelp"
     assert (run_dir(nested, "matryoshka", 42) / "per_input.json").exists()
+    assert (out / "images" / "per_input_matryoshka.png").exists()
 
 
 def summary_lines(path: Path) -> list[str]:
