@@ -218,7 +218,7 @@ def plot_rank_map(maps: dict, run: str):
     ax.set_xlabel("stage and epoch (end of epoch)")
     ax.set_ylabel("adapted module")
     fig.colorbar(im, ax=ax, label="rank kept")
-    ax.set_title(f"{run}: ranks allocated per module (mean over {maps['n_seeds']} seeds)")
+    ax.set_title(f"{run}: ranks allocated per module\n(mean over {maps['n_seeds']} seeds)", fontsize=10)
     fig.tight_layout()
     return fig
 
