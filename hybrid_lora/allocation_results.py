@@ -8,7 +8,9 @@ For each: the Stage-1 adapter on the first domain, the final adapter on the last
 the first, in loss and accuracy; the mean over seeds and the paired difference from the
 baseline (same seed) with a t-interval over seeds; and the adapter's parameters at the end of
 each stage (allocated: kept components, frozen included; LoRA cut by SVD: the budget, an upper
-bound).
+bound); and the time ratio, the run's fastest training epoch over that of plain LoRA at rank r
+(the same adapter shape; same seed, t-interval), which measures what allocating costs per step
+(NaN for the SVD cuts, which train nothing of their own).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import math
 from pathlib import Path
 
 from .results import ALLOCATION_FILE, finished_runs, read_json
+from .rank_flex import train_seconds
 from .stats import paired_t_interval
 
 POINTS = (("stage1_first", "A_after_stage1"), ("final_last", "B_after_stage2"), ("final_first", "A_after_stage2"))
@@ -82,6 +85,7 @@ def allocation_table(out: str | Path, baseline: str = "lora_small", svd_run: str
     if baseline not in runs:
         raise FileNotFoundError(f"no finished {baseline!r} runs under {out}: the baseline of the table")
     base = runs[baseline]
+    seconds = train_seconds(out)
     rows = []
     for label, per_seed in runs.items():
         seeds = sorted(s for s in per_seed if s in base)
@@ -96,6 +100,9 @@ def allocation_table(out: str | Path, baseline: str = "lora_small", svd_run: str
         for stage in ("stage1", "final"):
             vals = [per_seed[s]["params"][stage] for s in seeds]
             row[f"params_{stage}"] = sum(vals) / len(vals) if vals else math.nan
+        ratios = [seconds[label, s] / seconds[svd_run, s] for s in seeds
+                  if (label, s) in seconds and (svd_run, s) in seconds]
+        row["time"], row["time_lo"], row["time_hi"] = paired_t_interval(ratios, level)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -162,7 +169,7 @@ PER_INPUT_MARKDOWN = (
 
 def allocation_markdown(table, x: str = "loss") -> str:
     """The table in markdown: per point the mean and the difference from the baseline [CI]."""
-    head = ["run", "n"] + [f"{p} {x}" for p, _ in POINTS] + ["params (final)"]
+    head = ["run", "n"] + [f"{p} {x}" for p, _ in POINTS] + ["params (final)", "time / LoRA at r [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.itertuples():
         r = r._asdict()
@@ -172,5 +179,6 @@ def allocation_markdown(table, x: str = "loss") -> str:
             diff = "" if lo == hi == 0.0 else f" ({d:+.4f} [{lo:+.4f}, {hi:+.4f}])"
             cells.append(f"{r[f'{p}_{x}']:.4f}{diff}")
         cells.append(f"{r['params_final']:,.0f}")
+        cells.append("—" if r["time"] != r["time"] else f"{r['time']:.2f} [{r['time_lo']:.2f}, {r['time_hi']:.2f}]")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -18,8 +18,9 @@ def evals(a1, b2, a2):
             "A_after_stage2": {"loss": a2, "acc": 0.25}}
 
 
-def history(params):
-    return [{"stage": s, "epoch": 1, "trainable_params": params, "seconds": 1.0} for s in (1, 2)]
+def history(params, train_seconds=(1.0, 1.0)):
+    return [{"stage": s, "epoch": 1, "trainable_params": params, "seconds": 1.0, "train_seconds": t}
+            for s, t in zip((1, 2), train_seconds)]
 
 
 @pytest.fixture
@@ -28,7 +29,8 @@ def study(tmp_path):
     for seed, (base_a1, dyn_a1, svd_a1) in {1: (4.0, 3.9, 4.1), 2: (4.2, 4.0, 4.2)}.items():
         for method, a1, params in (("lora_small", base_a1, 800), ("dynamic", dyn_a1, None), ("lora", 4.5, 1600)):
             d = tmp_path / method / f"seed{seed}"
-            write_fake_run(d, method, seed, evals(a1, 5.0, 4.6), history(params or 1600))
+            seconds = {"dynamic": (1.3, 1.1 + 0.2 * (seed - 1)), "lora": (2.0, 1.0)}.get(method, (1.0, 1.0))
+            write_fake_run(d, method, seed, evals(a1, 5.0, 4.6), history(params or 1600, seconds))
             write_json_atomic(d / "config.json", {**cfg.to_dict(), "method": method, "seed": seed})
         write_json_atomic(tmp_path / "dynamic" / f"seed{seed}" / "allocation.json", {
             "schema_version": 1, "modules": ["m0", "m1"], "costs": [10, 20],
@@ -56,6 +58,19 @@ def test_differences_from_the_uniform_baseline_with_seed_intervals(study):
     assert svd["final_last_loss"] == pytest.approx(5.1)
     assert svd["params_final"] == 800  # the budget: plain LoRA's 1600 parameters x 8 / 16
     assert t.loc["lora_small", "stage1_first_loss_diff"] == 0.0
+    # time: fastest epoch over plain LoRA's (1.0), per seed 1.1 and 1.3
+    assert dyn["time"] == pytest.approx(1.2)
+    assert dyn["time_hi"] == pytest.approx(1.2 + T_975_DF1 * (0.2 / 2 ** 0.5) / 2 ** 0.5)
+    assert t.loc["lora_small", "time"] == pytest.approx(1.0) and svd["time"] != svd["time"]  # NaN: no training
+
+
+def test_allocation_markdown_shows_the_time_ratio(study):
+    from hybrid_lora.allocation_results import allocation_markdown
+
+    half = T_975_DF1 * (0.2 / 2 ** 0.5) / 2 ** 0.5
+    lines = {line.split(" | ")[0]: line for line in allocation_markdown(allocation_table(study)).splitlines()}
+    assert lines["| dynamic"].endswith(f"| 1.20 [{1.2 - half:.2f}, {1.2 + half:.2f}] |")
+    assert lines["| lora svd_alloc@8"].endswith("| — |")
 
 
 def test_rank_maps_average_the_seeds(study):
