@@ -294,13 +294,14 @@ def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ())
         if want(f"history_{run}_seed{seed}"):
             paths.append(save_figure(plot_stage_history(history, run, seed),
                                      Path(image_dir) / f"history_{run}_seed{seed}.png"))
-    allocated = sorted({p.parent.parent.name for p in Path(out).glob(f"*/seed*/{ALLOCATION_FILE}")
-                        if (p.parent / "metrics.json").exists()})
-    for run in allocated:
+    def runs_with(name: str) -> list[str]:  # runs with a finished seed that wrote file `name`
+        return sorted({p.parent.parent.name for p in Path(out).glob(f"*/seed*/{name}")
+                       if (p.parent / "metrics.json").exists()})
+
+    for run in runs_with(ALLOCATION_FILE):
         if want(f"rank_map_{run}"):
             paths.append(save_figure(plot_rank_map(rank_maps(out, run), run), Path(image_dir) / f"rank_map_{run}.png"))
-    for run in sorted({p.parent.parent.name for p in Path(out).glob(f"*/seed*/{PER_INPUT_FILE}")
-                       if (p.parent / "metrics.json").exists()}):
+    for run in runs_with(PER_INPUT_FILE):
         if want(f"per_input_{run}"):
             paths.append(save_figure(plot_per_input(per_input_table(out, run), run),
                                      Path(image_dir) / f"per_input_{run}.png"))
