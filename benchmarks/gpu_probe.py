@@ -3,7 +3,7 @@ fp16 + GradScaler and bf16, against a bare PEFT training loop on the same batche
 
     python benchmarks/gpu_probe.py [--n-train 1200] [--method hybrid] [--out /tmp/gpu_probe]
 
-The model is "gpt2" from the hub when it can be loaded, else a GPT-2-124M of random weights
+The model is "openai-community/gpt2" from the hub when it can be loaded, else a GPT-2-124M of random weights
 (GPT2Config() defaults: 12 layers, width 768, vocabulary 50257) with the byte tokenizer, saved
 to a temporary folder; the data are ../shared/data when present, else the built-in corpus.
 For each precision: one run of `--method` through `run_experiment` (3 + 3 epochs, r = 64,
@@ -33,12 +33,12 @@ from hybrid_lora.losses import causal_lm_sums  # noqa: E402
 
 
 def gpt2_124m(folder: Path) -> str:
-    """"gpt2" if the hub has it, else a random GPT-2-124M saved in `folder` (with a byte tokenizer)."""
+    """"openai-community/gpt2" if the hub has it, else a random GPT-2-124M saved in `folder` (with a byte tokenizer)."""
     from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
     try:
-        AutoConfig.from_pretrained("gpt2")
-        return "gpt2"
+        AutoConfig.from_pretrained("openai-community/gpt2")
+        return "openai-community/gpt2"
     except Exception:  # no network / no cache: same architecture, random weights
         from hybrid_lora.adapters import byte_tokenizer
 

@@ -11,7 +11,6 @@ every flattened vector: for each module, A[:k] row-major, then B[:, :k] row-majo
 from __future__ import annotations
 
 import hashlib
-import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +19,9 @@ import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .config import TINY_MODELS, ExperimentConfig
-from .families import build_tiny_model, fan_in_fan_out, resolve_target_modules
+from .config import ExperimentConfig
+from .families import fan_in_fan_out, resolve_target_modules
+from .models import build_base_model, byte_tokenizer, load_tokenizer  # noqa: F401 - also imported from here
 
 
 @contextmanager
@@ -56,75 +56,6 @@ def rng_isolated(seed: int | None = None):
 
 
 # ---------------------------------------------------------------------- building
-def byte_tokenizer():
-    """A byte-level tokenizer that needs no download: 256 byte tokens + `<|endoftext|>` (id 0)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos,
-                                   unk_token=eos, pad_token=eos)
-
-
-# Any of these in a model folder means it has a tokenizer (fast, BPE, SentencePiece, WordPiece).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt",
-                   "sentencepiece.bpe.model")
-_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]{0,95}(/[A-Za-z0-9_][\w.-]{0,95})?")
-
-
-def check_model_source(name: str) -> None:
-    """Clear errors before any loading: `name` must be a key of TINY_MODELS, a model folder (with
-    a config.json and a tokenizer) or something that can be a hub id ("gpt2", "org/name")."""
-    if name in TINY_MODELS:
-        return
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model_name={name!r}: the folder has no config.json, so it "
-                                    "holds no model saved with save_pretrained")
-        if not any((path / f).is_file() for f in TOKENIZER_FILES):
-            raise FileNotFoundError(f"model_name={name!r}: the folder has no tokenizer (none of "
-                                    f"{', '.join(TOKENIZER_FILES)}); save one beside the model with "
-                                    f"tokenizer.save_pretrained({name!r})")
-        return
-    if path.exists():
-        raise NotADirectoryError(f"model_name={name!r} is a file; give the folder that holds the model")
-    if not _HUB_ID.fullmatch(name) or ".." in name or "--" in name:
-        raise FileNotFoundError(f"model_name={name!r}: no such folder, and not a Hugging Face hub "
-                                "id ('name' or 'org/name') either")
-
-
-def load_tokenizer(cfg: ExperimentConfig):
-    """The tokenizer of `cfg.model_name` with pad = eos and right padding."""
-    check_model_source(cfg.model_name)
-    if cfg.model_name in TINY_MODELS:
-        tok = byte_tokenizer()
-    else:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(cfg.model_name)
-    tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
-
-
-def build_base_model(cfg: ExperimentConfig, vocab_size: int | None = None) -> nn.Module:
-    """The frozen base LM. Deterministic: a tiny random model (TINY_MODELS) is seeded with
-    `cfg.base_seed` without touching the global RNG, so every call returns identical weights."""
-    if cfg.model_name in TINY_MODELS:
-        base = build_tiny_model(cfg, vocab_size or 257)
-    else:
-        from transformers import AutoModelForCausalLM
-        base = AutoModelForCausalLM.from_pretrained(cfg.model_name)
-    base.requires_grad_(False)
-    return base
-
-
 def lora_config(cfg: ExperimentConfig, base: nn.Module, r: int | None = None,
                 lora_alpha: float | None = None) -> LoraConfig:
     """PEFT's LoraConfig for this experiment on `base` (optionally at another rank / alpha):

@@ -28,12 +28,13 @@ SWEEP_KINDS = ("slice", "svd", "svd_alloc")
 DATA_SOURCES = ("hub", "local", "builtin")
 BUILTIN_DOMAINS = ("imdb", "yelp", "code")
 HUB_DOMAINS = {  # domain -> (dataset name, train split, eval split, text column)
-    "imdb": ("imdb", "train", "test", "text"),
-    "yelp": ("yelp_polarity", "train", "test", "text"),
+    "imdb": ("stanfordnlp/imdb", "train", "test", "text"),
+    "yelp": ("fancyzhx/yelp_polarity", "train", "test", "text"),
     "code": ("codeparrot/codeparrot-clean-valid", "train", None, "content"),  # eval: held out of train
 }
 # Any other hub text dataset is a domain written "<dataset>[@<config>]:<text column>",
-# e.g. "ag_news:text" or "wikitext@wikitext-2-raw-v1:text" (see data.hub_source).
+# e.g. "fancyzhx/ag_news:text" or "Salesforce/wikitext@wikitext-2-raw-v1:text" (see data.hub_source;
+# an old unnamespaced id such as "ag_news" is translated, sources.HUB_ALIASES).
 # The shipped domain sequences (`ExperimentConfig.forgetting(sequence=...)`, CLI --sequence).
 SEQUENCES = {
     "imdb-yelp": ("imdb", "yelp"),        # the paper's pair: similar domains, the control
@@ -73,8 +74,8 @@ class ExperimentConfig:
     """Every setting of a run over a sequence of domains (Stage 1, 2, ...). Field names
     follow the paper and PEFT."""
 
-    # base model: a hub name, a local folder, or a key of TINY_MODELS (random, from a config)
-    model_name: str = "gpt2"
+    # base model: a hub id, a local folder, a GGUF file, or a key of TINY_MODELS (random, from a config)
+    model_name: str = "openai-community/gpt2"
     tiny_n_layer: int = 2  # only used by TINY_MODELS
     tiny_n_embd: int = 64
     tiny_n_head: int = 2
@@ -178,7 +179,7 @@ class ExperimentConfig:
     def forgetting(cls, sequence: str = "imdb-code") -> "ExperimentConfig":
         """The continual-learning study: a shipped domain `sequence` (SEQUENCES), sequential
         LoRA, the paper's DC and the baselines, one fixed rank, no rank schedule or sweep.
-        Set `model_name` (e.g. "gpt2", or the small offline base) and the data source."""
+        Set `model_name` (e.g. "openai-community/gpt2", or an offline base) and the data source."""
         if sequence not in SEQUENCES:
             raise ValueError(f"sequence={sequence!r}: must be one of {tuple(SEQUENCES)}")
         return cls(

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, Subset, TensorDataset
 
 from .config import HUB_DOMAINS, ExperimentConfig
+from .sources import hub_id
 
 IGNORE_INDEX = -100
 
@@ -102,7 +103,8 @@ def _local_texts(cfg: ExperimentConfig, domain: str, seed: int) -> DomainTexts:
 def hub_source(domain: str) -> tuple[str, str | None, str, str | None, str]:
     """(dataset, config or None, train split, eval split or None, text column) of a hub domain:
     a HUB_DOMAINS name, or "<dataset>[@<config>]:<column>" (splits "train" and "test"; with no
-    "test" split the evaluation texts are held out of the shuffled train split)."""
+    "test" split the evaluation texts are held out of the shuffled train split). An old
+    unnamespaced dataset id ("ag_news") becomes its canonical one (`sources.hub_id`)."""
     if domain in HUB_DOMAINS:
         name, train_split, eval_split, column = HUB_DOMAINS[domain]
         return name, None, train_split, eval_split, column
@@ -110,7 +112,7 @@ def hub_source(domain: str) -> tuple[str, str | None, str, str | None, str]:
     if not sep or not dataset or not column:
         raise ValueError(f"hub domain {domain!r}: write '<dataset>[@<config>]:<text column>'")
     name, _, config = dataset.partition("@")
-    return name, config or None, "train", "test", column
+    return hub_id(name), config or None, "train", "test", column
 
 
 def _hub_texts(cfg: ExperimentConfig, domain: str, seed: int) -> DomainTexts:
@@ -131,15 +133,21 @@ def _hub_texts(cfg: ExperimentConfig, domain: str, seed: int) -> DomainTexts:
     if len(pool) < need:
         raise ValueError(f"hub dataset {name!r}/{train_split}: asked for {need}, has {len(pool)}")
     end = len(pool) - n_eval_held
-    val = list(pool.select(range(end - cfg.n_val, end))[column])
+    val = _rows(pool, end - cfg.n_val, end, column)
     rest = pool.select(range(end - cfg.n_val)).shuffle(seed=seed)
-    train = list(rest.select(range(cfg.n_train))[column])
+    train = _rows(rest, 0, cfg.n_train, column)
     if held_eval:
-        return DomainTexts(train, list(pool.select(range(end, len(pool)))[column]), val)
+        return DomainTexts(train, _rows(pool, end, len(pool), column), val)
     test = ds[eval_split].shuffle(seed=cfg.data_seed)
     if len(test) < cfg.n_eval:
         raise ValueError(f"hub dataset {name!r}/{eval_split}: asked for {cfg.n_eval}, has {len(test)}")
-    return DomainTexts(train, list(test.select(range(cfg.n_eval))[column]), val)
+    return DomainTexts(train, _rows(test, 0, cfg.n_eval, column), val)
+
+
+def _rows(ds, start: int, stop: int, column: str) -> list[str]:
+    """`column` of rows start..stop-1 of a datasets.Dataset ([] when empty: `select` of an empty
+    range at the end of a dataset raises IndexError in datasets 5)."""
+    return list(ds.select(range(start, stop))[column]) if stop > start else []
 
 
 _SUBJECTS = {

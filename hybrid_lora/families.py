@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import TINY_MODELS, ExperimentConfig
+from .sources import gguf_location, hub_id
 
 # model_type (transformers) -> the attention projections LoRA adapts by default
 ATTENTION_MODULES = {
@@ -57,7 +58,8 @@ def tiny_model_config(cfg: ExperimentConfig, vocab_size: int):
 
 def model_type(model_name: str) -> str | None:
     """The transformers `model_type` of `model_name` without loading weights: from TINY_MODELS,
-    a local folder's config.json, or the hub cache; None when it cannot be read."""
+    a local folder's config.json, a GGUF file's header, or the hub cache; None when it cannot
+    be read."""
     if model_name in TINY_MODELS:
         return TINY_MODELS[model_name]
     path = Path(model_name).expanduser() / "config.json"
@@ -65,7 +67,10 @@ def model_type(model_name: str) -> str | None:
         if path.is_file():
             return json.loads(path.read_text()).get("model_type")
         from transformers import AutoConfig
-        return AutoConfig.from_pretrained(model_name).model_type
+        gguf = gguf_location(model_name)
+        if gguf is not None:
+            return AutoConfig.from_pretrained(str(gguf[0]), gguf_file=gguf[1]).model_type
+        return AutoConfig.from_pretrained(hub_id(model_name, quiet=True)).model_type
     except Exception:  # offline, unknown id: only used to compare spellings of a setting
         return None
 

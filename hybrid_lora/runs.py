@@ -35,6 +35,7 @@ from .methods import Method, get_method
 from .ranks import sweep_run
 from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, run_dir, run_metrics,
                       two_domain_evals, write_history, write_json_atomic)
+from .sources import hub_id
 from .sweep_results import sweep_aucs, sweep_reference
 from .train import NonFiniteLoss, resolve_device, set_seed, train_stage
 
@@ -45,11 +46,15 @@ _DEFAULTS = {f.name: list(f.default) if isinstance(f.default, tuple) else f.defa
 
 def _same_setting(field: str, saved, now) -> bool:
     """Equal values; for `data_dir`, and `model_name` folders, two spellings of one folder
-    (relative or absolute, a trailing slash) are the same setting."""
+    (relative or absolute, a trailing slash) are the same setting, and so are an old hub id and
+    its canonical one ("gpt2", "openai-community/gpt2")."""
     if saved == now:
         return True
+    if field == "model_name" and isinstance(saved, str) and isinstance(now, str) \
+            and hub_id(saved, quiet=True) == hub_id(now, quiet=True):
+        return True
     if field in ("data_dir", "model_name") and isinstance(saved, str) and isinstance(now, str):
-        if field == "data_dir" or (os.path.isdir(saved) and os.path.isdir(now)):
+        if field == "data_dir" or (os.path.exists(saved) and os.path.exists(now)):
             return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(now))
     return False
 

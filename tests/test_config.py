@@ -8,7 +8,7 @@ from hybrid_lora import ExperimentConfig
 def test_defaults_equal_the_paper():
     c = ExperimentConfig()
     assert (c.model_name, c.r, c.lora_alpha, c.lora_dropout, c.target_modules) == \
-        ("gpt2", 64, 32, 0.05, ("attention",))
+        ("openai-community/gpt2", 64, 32, 0.05, ("attention",))
     assert (c.max_length, c.batch_size, c.epochs_stage1, c.epochs_stage2, c.lr) == (128, 8, 3, 3, 5e-5)
     assert (c.lambda_order, c.lambda_dc, c.rank_schedule) == (1e-4, 0.1, (64, 32, 16))
     assert (c.n_train, c.n_eval, c.data_seed, c.seeds) == (3000, 1000, 42, (42, 43, 44))

@@ -321,9 +321,10 @@ def test_sequences_presets_and_domain_validation():
         dataclasses.replace(ExperimentConfig(), domains=("imdb", "news"))
     ok = dataclasses.replace(ExperimentConfig(), domains=("imdb", "ag_news:text", "wikitext@wikitext-2-raw-v1:text"))
     assert ok.domains[2].endswith(":text")
-    assert hub_source("wikitext@wikitext-2-raw-v1:text") == ("wikitext", "wikitext-2-raw-v1", "train", "test", "text")
-    assert hub_source("ag_news:text")[:2] == ("ag_news", None)
-    assert hub_source("yelp")[0] == "yelp_polarity"
+    assert hub_source("wikitext@wikitext-2-raw-v1:text") == ("Salesforce/wikitext", "wikitext-2-raw-v1", "train",
+                                                             "test", "text")
+    assert hub_source("ag_news:text")[:2] == ("fancyzhx/ag_news", None)
+    assert hub_source("yelp")[0] == "fancyzhx/yelp_polarity"
     with pytest.raises(ValueError, match="replay_fraction=1.5"):
         dataclasses.replace(ExperimentConfig(), replay_fraction=1.5)
 

@@ -1,0 +1,137 @@
+"""Base models and tokenizers by name: a tiny random model (TINY_MODELS), a local folder, a GGUF
+file, or a hub id (old unnamespaced ids translated, `sources.hub_id`).
+
+A GGUF file (`model_name="path/model.gguf"`, needs `pip install gguf`) is read by transformers
+(`from_pretrained(folder, gguf_file=...)`) and dequantized to an ordinary fp32 model: the GGUF
+quantizer tag transformers leaves on it is removed, so PEFT, `save_pretrained` and merging treat
+it as any other model. Dequantizing takes seconds, and a run builds its base several times
+(resume, the references of later stages), so the dequantized model and its tokenizer are kept
+once per process and every call returns a copy of them.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TINY_MODELS, ExperimentConfig
+from .families import build_tiny_model
+from .sources import gguf_location, hub_id
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer that needs no download: 256 byte tokens + `<|endoftext|>` (id 0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos,
+                                   unk_token=eos, pad_token=eos)
+
+
+# Any of these in a model folder means it has a tokenizer (fast, BPE, SentencePiece, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt",
+                   "sentencepiece.bpe.model")
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]{0,95}(/[A-Za-z0-9_][\w.-]{0,95})?")
+
+
+def check_model_source(name: str) -> None:
+    """Clear errors before any loading: `name` must be a key of TINY_MODELS, a model folder (with
+    a config.json and a tokenizer), a GGUF file (with the `gguf` package installed) or something
+    that can be a hub id ("org/name")."""
+    if name in TINY_MODELS:
+        return
+    if gguf_location(name) is not None:
+        try:
+            import gguf  # noqa: F401 - transformers reads GGUF files with it
+        except ImportError:
+            raise ImportError(f"model_name={name!r} is a GGUF file: reading it needs the gguf package "
+                              "(pip install gguf, or pip install 'hybrid-lora[gguf]')") from None
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model_name={name!r}: the folder has no config.json (nor a GGUF "
+                                    "file), so it holds no model saved with save_pretrained")
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"model_name={name!r}: the folder has no tokenizer (none of "
+                                    f"{', '.join(TOKENIZER_FILES)}); save one beside the model with "
+                                    f"tokenizer.save_pretrained({name!r})")
+        return
+    if path.exists():
+        raise NotADirectoryError(f"model_name={name!r} is a file but not a .gguf file; give the "
+                                 "folder that holds the model, or a GGUF file")
+    if not _HUB_ID.fullmatch(name) or ".." in name or "--" in name:
+        raise FileNotFoundError(f"model_name={name!r}: no such folder, and not a Hugging Face hub "
+                                "id ('name' or 'org/name') either")
+
+
+# (GGUF path, size, mtime) -> the dequantized model or its tokenizer, once per process
+_GGUF_MODELS: dict[tuple, nn.Module] = {}
+_GGUF_TOKENIZERS: dict[tuple, object] = {}
+
+
+def _gguf_key(folder: Path, file: str) -> tuple:
+    stat = (folder / file).stat()
+    return str((folder / file).resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def load_gguf_model(folder: Path, file: str) -> nn.Module:
+    """A copy of the GGUF checkpoint `folder/file` dequantized to fp32, without transformers'
+    GGUF quantizer tag (its weights are plain tensors)."""
+    key = _gguf_key(folder, file)
+    if key not in _GGUF_MODELS:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, dtype=torch.float32)
+        model.hf_quantizer = None  # what makes save_pretrained refuse and PEFT think it quantized
+        for owner in (model, model.config):
+            for attr in ("quantization_config", "is_quantized", "quantization_method"):
+                if attr in vars(owner):
+                    delattr(owner, attr)
+        _GGUF_MODELS[key] = model.eval()
+    return copy.deepcopy(_GGUF_MODELS[key])
+
+
+def load_tokenizer(cfg: ExperimentConfig):
+    """The tokenizer of `cfg.model_name` with pad = eos and right padding."""
+    check_model_source(cfg.model_name)
+    gguf = gguf_location(cfg.model_name)
+    if cfg.model_name in TINY_MODELS:
+        tok = byte_tokenizer()
+    elif gguf is not None:
+        key = _gguf_key(*gguf)
+        if key not in _GGUF_TOKENIZERS:
+            from transformers import AutoTokenizer
+            _GGUF_TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(gguf[0]), gguf_file=gguf[1])
+        tok = copy.deepcopy(_GGUF_TOKENIZERS[key])
+    else:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(hub_id(cfg.model_name))
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def build_base_model(cfg: ExperimentConfig, vocab_size: int | None = None) -> nn.Module:
+    """The frozen base LM. Deterministic: a tiny random model (TINY_MODELS) is seeded with
+    `cfg.base_seed` without touching the global RNG, so every call returns identical weights."""
+    gguf = gguf_location(cfg.model_name)
+    if cfg.model_name in TINY_MODELS:
+        base = build_tiny_model(cfg, vocab_size or 257)
+    elif gguf is not None:
+        base = load_gguf_model(*gguf)
+    else:
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained(hub_id(cfg.model_name))
+    base.requires_grad_(False)
+    return base
