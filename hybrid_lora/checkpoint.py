@@ -15,8 +15,12 @@ older folders are deleted only after, so `latest.json` always names a whole chec
 Loading checks the manifest; a damaged checkpoint (truncated or flipped file, unreadable
 `latest.json`, folder gone) falls back to the previous one with a `CheckpointWarning`.
 
-`<run>/.lock` (host, pid, start) exists while a process trains the run (`run_lock`): a second
-process gets `RunLocked` instead of writing into the same folder.
+`<run>/.lock` (host, pid, start, last refresh) exists while a process trains the run
+(`run_lock`): a second process gets `RunLocked` instead of writing into the same folder. The
+lock is a lease: its holder rewrites it every `LEASE_REFRESH_S` seconds, and a lock written on
+another machine that has not been refreshed for `LEASE_STALE_S` seconds is stale (its holder
+died with its machine: a Colab runtime that was reset, a preempted node), so the next process
+takes it over. On the same machine a lock is held exactly as long as its process lives.
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ import random
 import re
 import shutil
 import socket
+import threading
 import time
+import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +60,8 @@ class RunLocked(OSError):
 
 
 LOCK = ".lock"
+LEASE_REFRESH_S = 60.0   # the holder rewrites its lock this often
+LEASE_STALE_S = 600.0    # a lock from another machine not refreshed for this long is stale
 
 
 def _alive(pid: int) -> bool:
@@ -68,14 +76,14 @@ def _alive(pid: int) -> bool:
 
 @contextmanager
 def run_lock(run: Path):
-    """Hold `<run>/.lock` while the block runs. RunLocked names the holder when another
-    process has it; a lock left on this host by a process that no longer exists (a killed job)
-    is taken over. Created with O_EXCL, so two processes never both get it. Under several
+    """Hold `<run>/.lock` while the block runs, refreshing it every LEASE_REFRESH_S seconds.
+    RunLocked names the holder when another process has it (`_stale` says when a lock no
+    longer counts). Created with O_EXCL, so two processes never both get it. Under several
     processes of one run (accelerate), process 0 takes it and all of them learn the outcome."""
-    error = None
+    error, lease = None, None
     if is_main():
         try:
-            _acquire(run)
+            lease = _Lease(run / LOCK, _acquire(run))
         except RunLocked as err:
             error = str(err)
     error = broadcast(error)
@@ -84,35 +92,86 @@ def run_lock(run: Path):
     try:
         yield
     finally:
-        if is_main():
-            (run / LOCK).unlink(missing_ok=True)
+        if lease is not None:
+            lease.release()
 
 
-def _acquire(run: Path) -> None:
+class _Lease(threading.Thread):
+    """Rewrites the lock `path` (holder `me`) every LEASE_REFRESH_S seconds until `release`,
+    which stops it and deletes the lock, as long as the lock is still this holder's."""
+
+    def __init__(self, path: Path, me: dict):
+        super().__init__(daemon=True, name=f"lease {path}")
+        self.path, self.me, self.stop = path, me, threading.Event()
+        self.start()
+
+    def ours(self) -> bool:
+        try:
+            return json.loads(self.path.read_text()).get("token") == self.me["token"]
+        except (OSError, ValueError):
+            return False
+
+    def run(self) -> None:
+        while not self.stop.wait(LEASE_REFRESH_S):
+            if self.ours():
+                write_json_atomic(self.path, {**self.me, "refreshed": time.time()})
+
+    def release(self) -> None:
+        self.stop.set()
+        self.join()
+        if self.ours():
+            self.path.unlink(missing_ok=True)
+
+
+def _stale(holder: dict, path: Path, host: str) -> tuple[bool, float]:
+    """(whether the lock `holder` read from `path` no longer counts, seconds since its holder
+    last refreshed it). Same machine: stale once its process has exited. Another machine:
+    stale LEASE_STALE_S seconds after its last refresh (a lock from before leases: its mtime)."""
+    refreshed = holder.get("refreshed")
+    age = time.time() - (float(refreshed) if isinstance(refreshed, (int, float)) else path.stat().st_mtime)
+    if holder.get("host") == host:
+        return not _alive(int(holder.get("pid", -1))), age
+    return age > LEASE_STALE_S, age
+
+
+def _acquire(run: Path) -> dict:
+    """Create `run/.lock` for this process (taking over a stale one) and return what it holds."""
     run.mkdir(parents=True, exist_ok=True)
     path, host = run / LOCK, socket.gethostname()
-    me = {"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(3):
+        me = {"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "token": uuid.uuid4().hex, "refreshed": time.time()}
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
                 holder = json.loads(path.read_text())
-            except (OSError, ValueError):  # being written, or removed just now: look again
+                stale, age = _stale(holder, path, host)
+            except (OSError, ValueError, TypeError):  # being written, or removed just now: look again
                 time.sleep(0.2)
                 continue
-            if holder.get("host") == host and not _alive(int(holder.get("pid", -1))):
-                path.unlink(missing_ok=True)  # its process is gone: a stale lock
+            if stale:  # its process is gone, or its machine stopped refreshing it
+                path.unlink(missing_ok=True)
                 continue
-            raise RunLocked(f"{run} is being run by process {holder.get('pid')} on {holder.get('host')} "
-                            f"(since {holder.get('since')}); two processes never write one run. If no "
-                            f"process runs it any more (e.g. a job killed on another machine), delete "
-                            f"{path} and start again.") from None
+            raise RunLocked(_locked_message(run, path, holder, host, age)) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
-        return
+        return me
     raise RunLocked(f"{path}: could not take the lock (it keeps changing); is another process "
                     "starting this run?")
+
+
+def _locked_message(run: Path, path: Path, holder: dict, host: str, age: float) -> str:
+    who = (f"{run} is being run by process {holder.get('pid')} on {holder.get('host')} "
+           f"(since {holder.get('since')}); two processes never write one run.")
+    if holder.get("host") == host:
+        return (f"{who} Wait for it to finish, or stop it (kill {holder.get('pid')}) and start again; if "
+                f"that pid is another program now, delete {path} and start again.")
+    left = max(LEASE_STALE_S - age, 0.0)
+    return (f"{who} Its lock was last refreshed {age / 60:.1f} min ago; if that machine is gone (a "
+            f"reset Colab runtime, a killed job), the lock counts as stale in {left / 60:.1f} min and the "
+            f"same command then resumes the run. Sure that no process runs it? delete {path} and "
+            "start again.")
 
 
 def replace_dir(tmp: Path, path: Path) -> None:

@@ -200,3 +200,41 @@ def test_stage2_settings_may_change_between_stage1_and_stage2_only(tmp_path, uni
     assert changed["metrics"] != json.loads(uninterrupted["hybrid"]["metrics"])
     with pytest.raises(ValueError, match="lambda_dc"):  # once Stage 2 has run, it is fixed
         run_experiment(config(lambda_dc=0.1), "hybrid", 42, tmp_path, progress=False)
+
+
+def test_a_stale_lock_of_another_machine_is_taken_over_and_the_run_resumes(tmp_path, monkeypatch, uninterrupted):
+    """A new Colab runtime is a new host: the lock its dead predecessor left on Drive counts as
+    stale once not refreshed for LEASE_STALE_S, and the run resumes to the uninterrupted numbers;
+    a lock refreshed just now by a live holder elsewhere is refused, saying when it goes stale."""
+    import time
+
+    count_training_steps(monkeypatch, stop_at=11)
+    with pytest.raises(Interrupt):
+        run_experiment(config(), "hybrid", 42, tmp_path, progress=False)
+    lock = run_dir(tmp_path, "hybrid", 42) / checkpoint_mod.LOCK
+    holder = {"host": "colab-runtime-gone", "pid": 1, "since": "2026-12-01 10:00:00", "token": "x"}
+    lock.write_text(json.dumps({**holder, "refreshed": time.time() - 60}))
+    with pytest.raises(checkpoint_mod.RunLocked, match=r"refreshed 1\.0 min ago.*stale in 9\.0 min"):
+        run_experiment(config(), "hybrid", 42, tmp_path, progress=False)
+    lock.write_text(json.dumps({**holder, "refreshed": time.time() - checkpoint_mod.LEASE_STALE_S - 1}))
+    count_training_steps(monkeypatch)
+    assert run_experiment(config(), "hybrid", 42, tmp_path, progress=False)["complete"]
+    assert finished_files(tmp_path, "hybrid") == uninterrupted["hybrid"]
+    assert not lock.exists()
+
+
+def test_the_holder_refreshes_its_lease_and_leaves_a_lock_taken_from_it(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(checkpoint_mod, "LEASE_REFRESH_S", 0.05)
+    rd = tmp_path / "run"
+    with checkpoint_mod.run_lock(rd):
+        first = json.loads((rd / checkpoint_mod.LOCK).read_text())
+        time.sleep(0.3)
+        later = json.loads((rd / checkpoint_mod.LOCK).read_text())
+        assert later["token"] == first["token"] and later["refreshed"] > first["refreshed"]
+        other = {**later, "token": "someone-else", "refreshed": 0.0}
+        (rd / checkpoint_mod.LOCK).write_text(json.dumps(other))  # taken over meanwhile
+        time.sleep(0.2)
+        assert json.loads((rd / checkpoint_mod.LOCK).read_text()) == other  # not overwritten
+    assert json.loads((rd / checkpoint_mod.LOCK).read_text()) == other  # nor deleted on release
