@@ -264,7 +264,7 @@ def save_allocated(model, path: str | Path) -> Path:
     peft_cfg = model.peft_config[ADAPTER]
     path = Path(path)
     if is_adalora(model):  # PEFT's own save cuts AdaLoRA to its rank_pattern
-        model.save_pretrained(str(path))
+        model.save_pretrained(str(path), save_embedding_layers=False)
         return path
     path.mkdir(parents=True, exist_ok=True)
     tensors, ranks, alphas = {}, {}, {}

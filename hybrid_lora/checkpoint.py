@@ -193,7 +193,7 @@ def save_adapter(model, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with full_rank(model):  # AdaLoRA: every component, so training continues from it exactly
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), save_embedding_layers=False)  # never resized; the check warns on GGUF bases
     replace_dir(tmp, path)
     return path
 
@@ -247,7 +247,7 @@ def save_checkpoint(run: str | Path, model, position: tuple[int, int, int], stat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with full_rank(model):  # AdaLoRA: every component, so training continues from it exactly
-        model.save_pretrained(str(tmp / "adapter"))
+        model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
     torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
     write_json_atomic(tmp / "progress.json", {**progress, "position": list(position)})
     write_json_atomic(tmp / MANIFEST, {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*"))

@@ -102,6 +102,21 @@ def load_gguf_model(folder: Path, file: str) -> nn.Module:
     return copy.deepcopy(_GGUF_MODELS[key])
 
 
+def _gguf_tokenizer(folder: Path, file: str):
+    """The tokenizer of a GGUF file with the bos and eos tokens its header names (transformers
+    5.15, Colab's, reads SmolLM2's eos as <|im_start|>; 5.24 as the header says, <|im_end|>)."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=file)
+    fields = GGUFReader(str(folder / file)).fields
+    for role in ("bos", "eos"):
+        field = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if field is not None:
+            setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(int(field.parts[field.data[0]][0])))
+    return tok
+
+
 def load_tokenizer(cfg: ExperimentConfig):
     """The tokenizer of `cfg.model_name` with pad = eos and right padding."""
     check_model_source(cfg.model_name)
@@ -111,8 +126,7 @@ def load_tokenizer(cfg: ExperimentConfig):
     elif gguf is not None:
         key = _gguf_key(*gguf)
         if key not in _GGUF_TOKENIZERS:
-            from transformers import AutoTokenizer
-            _GGUF_TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(gguf[0]), gguf_file=gguf[1])
+            _GGUF_TOKENIZERS[key] = _gguf_tokenizer(*gguf)
         tok = copy.deepcopy(_GGUF_TOKENIZERS[key])
     else:
         from transformers import AutoTokenizer

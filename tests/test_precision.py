@@ -47,3 +47,44 @@ def test_autocast_run_keeps_lora_weights_fp32_and_tracks_fp32_run(mode, tmp_path
     for key in ("A_after_stage1", "A_after_stage2", "B_after_stage2"):
         assert low["metrics"][key]["loss"] == pytest.approx(full["metrics"][key]["loss"], abs=0.05)
         assert low["metrics"][key]["loss"] != full["metrics"][key]["loss"]  # autocast was really on
+
+
+def test_bf16_on_cpu_keeps_lora_weights_and_optimizer_state_fp32(tmp_path):
+    from safetensors.torch import load_file
+
+    from hybrid_lora.results import read_json, run_dir
+
+    cfg = tiny_config(mixed_precision="bf16", device="cpu", keep_checkpoints=True, checkpoint_every=0)
+    run_experiment(cfg, "hybrid", 1, tmp_path, progress=False)
+    rd = run_dir(tmp_path, "hybrid", 1)
+    latest = read_json(rd / "checkpoints" / "latest.json")["dir"]
+    state = torch.load(rd / "checkpoints" / latest / "state.pt", weights_only=True)
+    moments = [t for s in state["optimizer"]["state"].values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+    assert {t.dtype for t in load_file(rd / "adapter_final" / "adapter_model.safetensors").values()} == {torch.float32}
+    history = read_json(rd / "history.json")
+    assert all(torch.isfinite(torch.tensor(row["train_ce"])) for row in history)
+
+
+SKYLAKE = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize("text, native", [(SKYLAKE, False), (SAPPHIRE, True), (GRAVITON3, True), ("", False)])
+def test_cpu_bf16_support_is_read_from_the_cpu_flags(text, native):
+    from hybrid_lora.train import cpu_bf16_native
+
+    assert cpu_bf16_native(text) is native
+
+
+def test_device_report_on_a_cpu_that_computes_bf16_suggests_it(monkeypatch):
+    import hybrid_lora.train as train
+
+    monkeypatch.setattr(train, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = train.device_report(tiny_config(device="auto"))
+    assert line.startswith("Running on CPU (no GPU found; device='auto'); fp32") and "mixed_precision=bf16" in line
+    assert "bf16 autocast" in train.device_report(tiny_config(device="auto", mixed_precision="bf16"))
+    monkeypatch.setattr(train, "cpu_bf16_native", lambda: False)
+    assert train.device_report(tiny_config(device="auto")).endswith("bf16 only by emulation (slow)")
