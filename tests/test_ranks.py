@@ -123,20 +123,31 @@ def test_lora_svd_matches_the_full_matrix_svd():
 
 
 def test_svd_truncation_agrees_with_peft_svd_conversion(cfg):
+    import peft
+    from packaging.version import Version
+
     model, _ = build_model(cfg)
     randomize_lora(model)
     k = 3
     # With one adapter PEFT silently switches to a linear merge and ignores svd_rank; the same
-    # adapter twice at weight 0.5 gives its SVD of delta W.
+    # adapter twice at weight 0.5 gives its SVD of delta W. PEFT before 0.21 (0.20 is Colab's)
+    # multiplies each weight by the adapter's scaling and then by get_delta_weight, which holds
+    # the scaling already: its merge is `scaling` times the rank-k SVD of delta W (fixed in 0.21.0,
+    # "get_delta_weight applies the scaling"). Ours is the SVD of delta W on both.
+    twice = Version(peft.__version__) < Version("0.21")
     model.add_weighted_adapter([ADAPTER, ADAPTER], [0.5, 0.5], "svd3", combination_type="svd", svd_rank=k)
     for name, mod in model.named_modules():
         if hasattr(mod, "lora_A") and "svd3" in mod.lora_A:
             a, b = mod.lora_A[ADAPTER].weight, mod.lora_B[ADAPTER].weight
             a_k, b_k = svd_truncate_factors(a.detach(), b.detach(), k)
             ours = mod.scaling[ADAPTER] * (b_k @ a_k)  # [out, in]
-            peft = mod.get_delta_weight("svd3").T if mod.fan_in_fan_out else mod.get_delta_weight("svd3")
-            torch.testing.assert_close(ours, peft.detach(), atol=1e-4, rtol=1e-4)
-            assert torch.linalg.matrix_rank(peft.detach()) == k
+            u, s, vh = torch.linalg.svd(mod.scaling[ADAPTER] * (b @ a).detach())  # Eckart-Young reference
+            torch.testing.assert_close(ours, u[:, :k] * s[:k] @ vh[:k], atol=1e-4, rtol=1e-4)
+            peft_merge = mod.get_delta_weight("svd3").T if mod.fan_in_fan_out else mod.get_delta_weight("svd3")
+            expected = ours * mod.scaling[ADAPTER] if twice else ours
+            assert mod.scaling[ADAPTER] != 1.0  # so the two PEFT behaviours differ here
+            torch.testing.assert_close(expected, peft_merge.detach(), atol=1e-4, rtol=1e-4)
+            assert torch.linalg.matrix_rank(peft_merge.detach()) == k
 
 
 @pytest.fixture
