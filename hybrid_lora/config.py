@@ -179,7 +179,9 @@ class ExperimentConfig:
     def forgetting(cls, sequence: str = "imdb-code") -> "ExperimentConfig":
         """The continual-learning study: a shipped domain `sequence` (SEQUENCES), sequential
         LoRA, the paper's DC and the baselines, one fixed rank, no rank schedule or sweep.
-        Set `model_name` (e.g. "openai-community/gpt2", or an offline base) and the data source."""
+        Set `model_name` (e.g. "openai-community/gpt2", or an offline base) and the data source.
+        On a CPU that computes bf16 (`device_report` says so), a real model trains faster with
+        mixed_precision="bf16"."""
         if sequence not in SEQUENCES:
             raise ValueError(f"sequence={sequence!r}: must be one of {tuple(SEQUENCES)}")
         return cls(
@@ -195,7 +197,9 @@ class ExperimentConfig:
         Matryoshka and the paper's ordering term, r = 64 without a rank schedule, every adapter
         swept by slicing on the evaluation and the validation texts (lambdas are chosen on
         those), 5 seeds. Add the per-rank references with `run --ranks lora=1,2,4,8,16,32` and
-        the lambda sweep with `--lambdas dylora=0.001,0.01,0.1`; set `model_name` and the data."""
+        the lambda sweep with `--lambdas dylora=0.001,0.01,0.1`; set `model_name` and the data.
+        On a CPU that computes bf16 (`device_report` says so), a real model trains faster with
+        mixed_precision="bf16"."""
         if sequence not in SEQUENCES:
             raise ValueError(f"sequence={sequence!r}: must be one of {tuple(SEQUENCES)}")
         return cls(
@@ -212,7 +216,8 @@ class ExperimentConfig:
         (rank_schedule[-1]) on every module: `dynamic` and `adalora` against uniform LoRA at the
         budget (`lora_small`) and plain LoRA at 16 (swept to the budget by SVD, uniform and
         allocated: sweep kinds svd, svd_alloc at rank 8); `dynamic_protect` against `lora`,
-        `l2` and `ewc`; 5 seeds. Set `model_name` and the data."""
+        `l2` and `ewc`; 5 seeds. Set `model_name` and the data. On a CPU that computes bf16
+        (`device_report` says so), a real model trains faster with mixed_precision="bf16"."""
         if sequence not in SEQUENCES:
             raise ValueError(f"sequence={sequence!r}: must be one of {tuple(SEQUENCES)}")
         return cls(
