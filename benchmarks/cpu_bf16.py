@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import SHARED, run_split  # noqa: E402
 
 from hybrid_lora import ExperimentConfig, build_model, evaluate_loss_and_token_acc  # noqa: E402
-from hybrid_lora.adapters import lora_factors  # noqa: E402
+from hybrid_lora.adapters import load_tokenizer, lora_factors  # noqa: E402
 from hybrid_lora.data import make_loaders  # noqa: E402
 from hybrid_lora.evaluate import autocast  # noqa: E402
 from hybrid_lora.losses import causal_lm_sums  # noqa: E402
@@ -116,9 +116,7 @@ def main() -> None:
     print(f"{args.model}: batch {cfg.batch_size} x {cfg.max_length} tokens, LoRA r={cfg.r} on "
           f"{cfg.target_modules}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"CPU computes bf16 natively: {cpu_bf16_native()}")
-    model, tok = build_model(cfg)
-    del model
-    loaders = make_loaders(cfg, tok, "imdb", seed=42)
+    loaders = make_loaders(cfg, load_tokenizer(cfg), "imdb", seed=42)
     batches = [b for _, b in zip(range(args.steps), loaders.train)]
 
     times = step_times(cfg, batches, args.repeats)

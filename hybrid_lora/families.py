@@ -7,6 +7,7 @@ attention projections of the model's family, `ATTENTION_MODULES`) or `("all-line
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import TINY_MODELS, ExperimentConfig
-from .sources import gguf_location, hub_id
+from .sources import gguf_key, gguf_location, hub_id
 
 # model_type (transformers) -> the attention projections LoRA adapts by default
 ATTENTION_MODULES = {
@@ -69,10 +70,18 @@ def model_type(model_name: str) -> str | None:
         from transformers import AutoConfig
         gguf = gguf_location(model_name)
         if gguf is not None:
-            return AutoConfig.from_pretrained(str(gguf[0]), gguf_file=gguf[1]).model_type
+            return _gguf_model_type(*gguf_key(*gguf))
         return AutoConfig.from_pretrained(hub_id(model_name, quiet=True)).model_type
     except Exception:  # offline, unknown id: only used to compare spellings of a setting
         return None
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_model_type(path: str, size: int, mtime_ns: int) -> str:
+    """The model_type in a GGUF file's header (reading it takes seconds: once per file)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name).model_type
 
 
 def canonical_targets(model_name: str, targets) -> tuple[str, ...]:

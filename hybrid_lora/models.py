@@ -11,6 +11,7 @@ once per process and every call returns a copy of them.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from .config import TINY_MODELS, ExperimentConfig
 from .families import build_tiny_model
-from .sources import gguf_location, hub_id
+from .sources import gguf_key, gguf_location, hub_id
 
 
 def byte_tokenizer():
@@ -75,41 +76,38 @@ def check_model_source(name: str) -> None:
                                 "id ('name' or 'org/name') either")
 
 
-# (GGUF path, size, mtime) -> the dequantized model or its tokenizer, once per process
-_GGUF_MODELS: dict[tuple, nn.Module] = {}
-_GGUF_TOKENIZERS: dict[tuple, object] = {}
-
-
-def _gguf_key(folder: Path, file: str) -> tuple:
-    stat = (folder / file).stat()
-    return str((folder / file).resolve()), stat.st_size, stat.st_mtime_ns
-
-
 def load_gguf_model(folder: Path, file: str) -> nn.Module:
     """A copy of the GGUF checkpoint `folder/file` dequantized to fp32, without transformers'
     GGUF quantizer tag (its weights are plain tensors)."""
-    key = _gguf_key(folder, file)
-    if key not in _GGUF_MODELS:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, dtype=torch.float32)
-        model.hf_quantizer = None  # what makes save_pretrained refuse and PEFT think it quantized
-        for owner in (model, model.config):
-            for attr in ("quantization_config", "is_quantized", "quantization_method"):
-                if attr in vars(owner):
-                    delattr(owner, attr)
-        _GGUF_MODELS[key] = model.eval()
-    return copy.deepcopy(_GGUF_MODELS[key])
+    return copy.deepcopy(_kept_gguf_model(*gguf_key(folder, file)))
 
 
-def _gguf_tokenizer(folder: Path, file: str):
-    """The tokenizer of a GGUF file with the bos and eos tokens its header names (transformers
-    5.15, Colab's, reads SmolLM2's eos as <|im_start|>; 5.24 as the header says, <|im_end|>)."""
+@functools.lru_cache(maxsize=2)
+def _kept_gguf_model(path: str, size: int, mtime_ns: int) -> nn.Module:
+    """The dequantized model of the GGUF file `path` (size and mtime key the cache); never
+    handed out itself, only copies (`freeze_add` merges into its base in place)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
+                                                 dtype=torch.float32)
+    model.hf_quantizer = None  # what makes save_pretrained refuse and PEFT think it quantized
+    for owner in (model, model.config):
+        for attr in ("quantization_config", "is_quantized", "quantization_method"):
+            if attr in vars(owner):
+                delattr(owner, attr)
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=2)
+def _kept_gguf_tokenizer(path: str, size: int, mtime_ns: int):
+    """The tokenizer of the GGUF file `path` with the bos and eos tokens its header names
+    (transformers 5.15, Colab's, reads SmolLM2's eos as <|im_start|>; 5.24 as the header says,
+    <|im_end|>). Handed out only as copies."""
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=file)
-    fields = GGUFReader(str(folder / file)).fields
+    tok = AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+    fields = GGUFReader(path).fields
     for role in ("bos", "eos"):
         field = fields.get(f"tokenizer.ggml.{role}_token_id")
         if field is not None:
@@ -124,10 +122,7 @@ def load_tokenizer(cfg: ExperimentConfig):
     if cfg.model_name in TINY_MODELS:
         tok = byte_tokenizer()
     elif gguf is not None:
-        key = _gguf_key(*gguf)
-        if key not in _GGUF_TOKENIZERS:
-            _GGUF_TOKENIZERS[key] = _gguf_tokenizer(*gguf)
-        tok = copy.deepcopy(_GGUF_TOKENIZERS[key])
+        tok = copy.deepcopy(_kept_gguf_tokenizer(*gguf_key(*gguf)))
     else:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(hub_id(cfg.model_name))

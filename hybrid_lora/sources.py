@@ -61,3 +61,10 @@ def gguf_location(name: str) -> tuple[Path, str] | None:
         raise ValueError(f"model_name={name!r}: the folder holds several GGUF files ({', '.join(found)}); "
                          "name one, e.g. model_name=" + repr(str(path / found[0])))
     return (path, found[0]) if found else None
+
+
+def gguf_key(folder: Path, file: str) -> tuple[str, int, int]:
+    """(resolved path, size, mtime in ns) of a GGUF file: what per-process caches of it are keyed
+    by, so a file replaced on disk is read again."""
+    stat = (folder / file).stat()
+    return str((folder / file).resolve()), stat.st_size, stat.st_mtime_ns
