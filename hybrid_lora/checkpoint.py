@@ -44,7 +44,7 @@ import torch
 from .adapters import full_rank, load_adapter
 from .config import ExperimentConfig
 from .distributed import broadcast, is_main
-from .results import read_json, write_json_atomic
+from .results import disk_errors, read_json, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -184,30 +184,37 @@ def replace_dir(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_adapter(model, path: str | Path) -> Path:
-    """`model.save_pretrained(path)` through a temporary folder: never a half-written adapter.
-    An AdaLoRA adapter is saved at full rank (`adapters.full_rank`)."""
-    path = Path(path)
-    if not is_main():  # several processes: process 0 writes
-        return path
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with full_rank(model):  # AdaLoRA: every component, so training continues from it exactly
-        model.save_pretrained(str(tmp), save_embedding_layers=False)  # never resized; the check warns on GGUF bases
-    replace_dir(tmp, path)
-    return path
-
-
-def copy_dir(src: str | Path, path: str | Path) -> Path:
-    """Copy the folder `src` to `path` through a temporary folder (atomic like `save_adapter`)."""
+def write_dir_atomic(path: str | Path, write) -> Path:
+    """Call `write(tmp)` on a temporary folder beside `path`, then swap it in for `path`: never a
+    half-written folder; on a failure the temporary folder is removed (a full disk gets its space
+    back, and raises `results.DiskFull` naming `path`). Under several processes only process 0
+    writes."""
     path = Path(path)
     if not is_main():
         return path
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    try:
+        with disk_errors(path):
+            write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, path)
     return path
+
+
+def save_adapter(model, path: str | Path) -> Path:
+    """`model.save_pretrained(path)` through a temporary folder: never a half-written adapter.
+    An AdaLoRA adapter is saved at full rank (`adapters.full_rank`)."""
+    with full_rank(model):  # AdaLoRA: every component, so training continues from it exactly
+        # never resized; the check warns on GGUF bases
+        return write_dir_atomic(path, lambda tmp: model.save_pretrained(str(tmp), save_embedding_layers=False))
+
+
+def copy_dir(src: str | Path, path: str | Path) -> Path:
+    """Copy the folder `src` to `path` through a temporary folder (atomic like `save_adapter`)."""
+    return write_dir_atomic(path, lambda tmp: shutil.copytree(src, tmp))
 
 
 def rng_state() -> dict:
@@ -243,17 +250,18 @@ def save_checkpoint(run: str | Path, model, position: tuple[int, int, int], stat
     name = f"s{stage}-e{epoch}-b{step}"
     if not is_main():  # several processes: process 0 writes (the state is the same on all)
         return root / name
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with full_rank(model):  # AdaLoRA: every component, so training continues from it exactly
-        model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
-    torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
-    write_json_atomic(tmp / "progress.json", {**progress, "position": list(position)})
-    write_json_atomic(tmp / MANIFEST, {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*"))
-                                       if f.is_file()})
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        with full_rank(model):  # AdaLoRA: every component, so training continues from it exactly
+            model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
+        torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
+        write_json_atomic(tmp / "progress.json", {**progress, "position": list(position)})
+        write_json_atomic(tmp / MANIFEST, {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*"))
+                                           if f.is_file()})
+
     previous = _pointer(root)
-    replace_dir(tmp, root / name)
+    write_dir_atomic(root / name, write)
     write_json_atomic(root / "latest.json", {"dir": name, "stage": stage, "epoch": epoch, "step": step})
     for other in root.iterdir():  # keep this one and the one before it (a fallback)
         if other.is_dir() and other.name not in (name, previous):

@@ -162,6 +162,9 @@ def matched_gain_table(out: str | Path, fraction: float = 0.9, baseline: str = B
     the target are left out (`n_seeds` counts the rest)."""
     import pandas as pd
 
+    if not 0 < fraction <= 1:  # NaN fails too
+        raise ValueError(f"matched gain fraction={fraction}: give a fraction in (0, 1] of the baseline's "
+                         "gain, e.g. 0.9 for 90 %")
     s = load_summary(out)
     if s.empty:
         raise FileNotFoundError(f"no finished runs under {out}")

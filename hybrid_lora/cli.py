@@ -5,9 +5,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import METHOD_NAMES, PRESETS, SEQUENCES, SWEEP_KINDS, ExperimentConfig, from_preset
+from .config import METHOD_NAMES, PRESETS, SEED_LIMIT, SEQUENCES, SWEEP_KINDS, ExperimentConfig, from_preset
 from .cli_tables import table_command
 from .results import format_table
+
+
+def _number(kind, ok, what: str):
+    """An argparse `type`: `kind(text)` when `ok` of it, else a usage error naming the option,
+    the value and `what` it must be."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+POSITIVE = _number(int, lambda v: v >= 1, "a positive integer")
+SEED = _number(int, lambda v: 0 <= v < SEED_LIMIT, "a seed (an integer from 0 to 2**63 - 1)")
+FRACTION = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1], e.g. 0.9 for 90 %")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", choices=PRESETS, default="smoke")
     run.add_argument("--methods", nargs="+", choices=METHOD_NAMES,
                      help="default: the paper's four (lora dylora dc hybrid)")
-    run.add_argument("--seeds", nargs="+", type=int, help="default: the preset's seeds")
+    run.add_argument("--seeds", nargs="+", type=SEED, help="default: the preset's seeds")
     run.add_argument("--sequence", choices=tuple(SEQUENCES),
                      help="a shipped domain sequence (or --set domains=a,b,c for any other)")
     run.add_argument("--lambdas", nargs="+", default=[], metavar="METHOD=L1,L2,...",
@@ -50,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "seed-level and bootstrap CIs against sequential LoRA; "
                                          "writes cl_table.csv (and matched_gain.csv)")
     table.add_argument("--results", required=True, help="a folder written by `run`")
-    table.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    table.add_argument("--n-boot", type=POSITIVE, default=2000, help="bootstrap resamples (default 2000)")
     table.add_argument("--markdown", action="store_true", help="print the tables as markdown (as in the README)")
-    table.add_argument("--matched-gain", type=float, metavar="FRACTION",
+    table.add_argument("--matched-gain", type=FRACTION, metavar="FRACTION",
                        help="also the forgetting of each lambda-swept method at FRACTION x sequential "
                             "LoRA's validation gain on the new domain (e.g. 0.9); writes matched_gain.csv")
     table.add_argument("--rank-sweep", action="store_true",
@@ -79,31 +98,37 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep-ranks", parents=[common], help="evaluate a run's saved adapters cut to each rank "
                                               "(no training); merges into <run>/sweep.json")
     sweep.add_argument("--run", required=True, help="a run folder, <out>/<method>/seed<k>")
-    sweep.add_argument("--ranks", nargs="+", type=int, help="default: the run's sweep_ranks")
+    sweep.add_argument("--ranks", nargs="+", type=POSITIVE, help="default: the run's sweep_ranks")
     sweep.add_argument("--kinds", nargs="+", choices=SWEEP_KINDS, help="default: the run's sweep_kinds")
     sweep.add_argument("--scaling", choices=("method", "preserve", "dylora", "both"), default="method",
                        help="slicing convention; 'method': the one the method trains with")
     sweep.add_argument("--device", help="default: the run's device setting")
-    sweep.add_argument("--n-eval", type=int, metavar="N",
+    sweep.add_argument("--n-eval", type=POSITIVE, metavar="N",
                        help="evaluate on the first N evaluation texts of each domain (default: the "
                             "run's sweep_n_eval, else all); rows hold the base model on the same texts")
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     per = sub.add_parser("per-input", parents=[common], help="rank chosen per input on a nested run's final "
                          "adapter, against random and fixed ranks at the same average; writes <run>/per_input.json")
     per.add_argument("--run", required=True, help="a finished matryoshka or dylora_nested run folder")
-    per.add_argument("--averages", nargs="+", type=int, help="average ranks (default 3, 6, 12, ... below r)")
+    per.add_argument("--averages", nargs="+", type=POSITIVE, help="average ranks (default 3, 6, 12, ... below r)")
     per.add_argument("--device", default="cpu")
     per.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
+
+
+def run_folder(path: str) -> Path:
+    """`--run PATH` as a Path; FileNotFoundError when it holds no config.json."""
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"--run {path}: no config.json there, so not a run folder "
+                                "(expected <out>/<method>/seed<k>)")
+    return Path(path)
 
 
 def sweep_command(args: argparse.Namespace) -> int:
     """`sweep-ranks`: rebuild the run's config and evaluation data, sweep, print the rows."""
     from .runs import resweep
 
-    run = Path(args.run)
-    if not (run / "config.json").exists():
-        raise SystemExit(f"sweep-ranks: {run} has no config.json (expected <out>/<method>/seed<k>)")
+    run = run_folder(args.run)
     rows = resweep(run, args.ranks, args.kinds, args.scaling, args.device, args.n_eval,
                    progress=not args.no_progress)
     print(f"{'adapter':<8}{'domain':>7}{'kind':>10}{'scaling':>10}{'rank':>6}{'loss':>9}{'acc':>8}")
@@ -140,11 +165,15 @@ def parse_lambdas(items: list[str]) -> dict[str, tuple[float, ...]]:
         try:
             if ":" in values:  # LO:HI, 3 per decade
                 lo, hi = (float(v) for v in values.split(":"))
-                out[method] = lambda_grid(lo, hi)
             else:
                 out[method] = tuple(float(v) for v in values.split(",") if v.strip())
         except ValueError:
             raise ValueError(f"--lambdas {item!r}: {values!r} is not a list of numbers nor LO:HI") from None
+        if ":" in values:
+            if not 0 < lo <= hi:
+                raise ValueError(f"--lambdas {item!r}: the range LO:HI = {values} needs 0 < LO <= HI"
+                                 f"{f', e.g. {method}={hi:g}:{lo:g}' if 0 < hi < lo else ''}")
+            out[method] = lambda_grid(lo, hi)
     check_lambdas(out)
     return out
 
@@ -172,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return dispatch(parser, args)
+    except KeyboardInterrupt as err:  # Ctrl-C: where the run stands, exit 130 as a shell expects
+        if args.debug:
+            raise
+        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError, ArithmeticError) as err:
         if args.debug:
             raise
@@ -186,7 +220,7 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "per-input":
         from .per_input import per_input_run
 
-        out = per_input_run(args.run, args.averages, args.device, progress=not args.no_progress)
+        out = per_input_run(run_folder(args.run), args.averages, args.device, progress=not args.no_progress)
         print(f"{'domain':<8}{'policy':>8}{'average':>8}{'given':>8}{'loss':>9}{'acc':>8}")
         for r in out["rows"]:
             print(f"{r['domain']:<8}{r['policy']:>8}{r['target_avg']:>8}{r['avg_rank']:>8.2f}"
@@ -198,7 +232,11 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "plot":
         from .plots import plot_all
 
-        for path in plot_all(args.results, args.images, only=tuple(args.only)):
+        paths = plot_all(args.results, args.images, only=tuple(args.only))
+        if args.only and not paths:
+            raise ValueError(f"--only {' '.join(args.only)}: no figure of {args.results} has a name that "
+                             "starts so; run without --only to draw them all and see their names")
+        for path in paths:
             print(path)
         return 0
     from .grid import parse_shard, shard_from_env

@@ -6,12 +6,26 @@ import argparse
 from pathlib import Path
 
 
+def write_table(results: Path, name: str, table, index: bool = False, hint: str = "") -> Path:
+    """Write `table` to `results/name` (atomically); ValueError, leaving any file there as it
+    was, when the table has no rows, no seed behind any row, or not one number that is not NaN
+    (`hint`: why that may be)."""
+    from .results import write_text_atomic
+
+    numbers = table.select_dtypes("number").drop(columns=["n_seeds", "fraction"], errors="ignore")
+    seeds = table["n_seeds"] if "n_seeds" in table.columns else None
+    if table.empty or (seeds is not None and not (seeds > 0).any()) or numbers.isna().all().all():
+        kept = f"; the {name} already there is left as it was" if (results / name).exists() else ""
+        raise ValueError(f"{name} not written: the table has no numbers ({len(table)} rows"
+                         f"{', no seed in any' if seeds is not None and len(table) else ''}){hint}{kept}")
+    return write_text_atomic(results / name, lambda f: table.to_csv(f, index=index))
+
+
 def table_command(args: argparse.Namespace) -> int:
     """`table`: print the continual-learning table and write it to <results>/cl_table.csv."""
     import pandas as pd
 
     from .cl_results import BASELINE, CL_MARKDOWN, cl_table, markdown_table, matched_gain_table, matched_markdown
-    from .results import write_text_atomic
 
     results = Path(args.results)
     if args.per_input:
@@ -31,13 +45,15 @@ def table_command(args: argparse.Namespace) -> int:
     cols = ["method", "lambda", "n_seeds", "delta_loss_first", "new_gain", "d_forget_seed",
             "d_forget_seed_lo", "d_forget_seed_hi", "d_new_gain_seed", "d_new_gain_seed_lo",
             "d_new_gain_seed_hi", "forgets_less_seed", "seeds_forget_less"]
+    hint = (f": no seed's validation gain reaches {args.matched_gain} x that of {args.reference or BASELINE}"
+            if args.matched_gain is not None else "")
     for t, spec, name, index in tables:
         if args.markdown:
             print(markdown_table(t, spec))
         else:
             with pd.option_context("display.width", 250, "display.max_columns", 30, "display.precision", 4):
                 print(t[cols] if name == "cl_table.csv" else t)
-        path = write_text_atomic(results / name, lambda f, t=t, index=index: t.to_csv(f, index=index))
+        path = write_table(results, name, t, index, hint if name == "matched_gain.csv" else "")
         print(f"written: {path}")
     return 0
 
@@ -49,8 +65,6 @@ def rank_flex_command(results: Path, markdown: bool, reference: str) -> int:
 
     from .cl_results import markdown_table
     from .rank_flex import rank_flex_benchmark, rank_flex_markdown_spec
-    from .results import write_text_atomic
-
     for adapter, domain in (("stage1", "A"), ("final", "B")):
         table, ref = rank_flex_benchmark(results, adapter, domain, reference)
         print(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter on {domain}: share of the gain of "
@@ -63,8 +77,7 @@ def rank_flex_command(results: Path, markdown: bool, reference: str) -> int:
                 print(shown)
         print(f"{reference} trained at each rank, loss: " +
               ", ".join(f"r={c[5:]}: {ref.loc[0, c]:.4f}" for c in ref.columns if c.startswith("loss_")))
-        path = write_text_atomic(results / f"rank_flex_{adapter}_{domain}.csv",
-                                 lambda f, t=table: t.to_csv(f, index=False))
+        path = write_table(results, f"rank_flex_{adapter}_{domain}.csv", table)
         print(f"written: {path}")
     return 0
 
@@ -75,7 +88,6 @@ def rank_table_command(results: Path, markdown: bool, reference: str | None = No
     import pandas as pd
 
     from .cl_results import markdown_table
-    from .results import write_text_atomic
     from .sweep_results import load_sweeps, rank_flex_markdown_spec, rank_flex_table
 
     sweeps = load_sweeps(results)
@@ -90,8 +102,7 @@ def rank_table_command(results: Path, markdown: bool, reference: str | None = No
         else:
             with pd.option_context("display.width", 250, "display.max_columns", 40, "display.precision", 3):
                 print(t)
-        path = write_text_atomic(results / f"rank_table_{adapter}_{domain}{suffix}.csv",
-                                 lambda f, t=t: t.to_csv(f, index=False))
+        path = write_table(results, f"rank_table_{adapter}_{domain}{suffix}.csv", t)
         print(f"written: {path}")
     return 0
 
@@ -101,8 +112,6 @@ def allocation_command(results: Path, markdown: bool, baseline: str) -> int:
     import pandas as pd
 
     from .allocation_results import allocation_markdown, allocation_table
-    from .results import write_text_atomic
-
     table = allocation_table(results, baseline)
     for x in ("loss", "acc"):
         print(f"{x}: mean over seeds (difference from {baseline}, same seed [95% t-interval over seeds]); "
@@ -113,7 +122,7 @@ def allocation_command(results: Path, markdown: bool, baseline: str) -> int:
             cols = ["run", "n_seeds"] + [c for c in table.columns if c.endswith(x) or f"_{x}_" in c] + ["params_final"]
             with pd.option_context("display.width", 250, "display.max_columns", 40, "display.precision", 4):
                 print(table[cols])
-    path = write_text_atomic(results / "allocation_table.csv", lambda f: table.to_csv(f, index=False))
+    path = write_table(results, "allocation_table.csv", table)
     print(f"written: {path}")
     return 0
 
@@ -124,8 +133,6 @@ def per_input_command(results: Path, markdown: bool, run: str) -> int:
 
     from .allocation_results import PER_INPUT_MARKDOWN, per_input_table
     from .cl_results import markdown_table
-    from .results import write_text_atomic
-
     table = per_input_table(results, run)
     print(f"{run}: rank per input (feature) against a fixed cut and random ranks at the same average; "
           "differences feature - control, same seed, nats/token (loss) and share of tokens (acc)")
@@ -134,6 +141,6 @@ def per_input_command(results: Path, markdown: bool, run: str) -> int:
     else:
         with pd.option_context("display.width", 250, "display.max_columns", 40, "display.precision", 4):
             print(table)
-    path = write_text_atomic(results / "per_input_table.csv", lambda f: table.to_csv(f, index=False))
+    path = write_table(results, "per_input_table.csv", table)
     print(f"written: {path}")
     return 0

@@ -62,6 +62,10 @@ RUN_INDEPENDENT_FIELDS += ("gradient_accumulation_steps", "gradient_checkpointin
 STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "rebuild_scaling",
                  "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "ewc_samples",
                  "sweep_ranks", "sweep_kinds", "sweep_n_eval")
+# Fields read only after the last stage has trained (the rank sweep): an unfinished run may
+# change them at any point; a finished one is swept again with `sweep-ranks`.
+SWEEP_FIELDS = ("sweep_ranks", "sweep_kinds", "sweep_n_eval")
+SEED_LIMIT = 2 ** 63
 DC_VARIANTS = ("global", "per_module", "delta_w")
 PRESETS = ("paper", "smoke", "forgetting", "rank_flex", "dynamic")
 FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "lr", "weight_decay", "lambda_order", "lambda_dc",
@@ -294,8 +298,11 @@ class ExperimentConfig:
                 raise bad("methods", f"unknown method {m!r}; known: {METHOD_NAMES}")
         if not self.seeds:
             raise bad("seeds", "give at least one seed")
-        if self.train_data_seed is not None and not isinstance(self.train_data_seed, int):
-            raise bad("train_data_seed", "must be an integer or None (None: the run's seed)")
+        for name, seeds in (("seeds", self.seeds), ("base_seed", (self.base_seed,)),
+                            ("train_data_seed", () if self.train_data_seed is None else (self.train_data_seed,))):
+            for seed in seeds:  # numpy's SeedSequence refuses negative seeds, torch's above 2**64
+                if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+                    raise bad(name, f"seed {seed!r} is not an integer from 0 to 2**63 - 1")
         if self.data_source not in DATA_SOURCES:
             raise bad("data_source", f"must be one of {DATA_SOURCES}")
         if self.data_source == "local" and not self.data_dir:

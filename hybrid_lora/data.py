@@ -84,8 +84,13 @@ def _local_texts(cfg: ExperimentConfig, domain: str, seed: int) -> DomainTexts:
     if not path.is_file():
         raise FileNotFoundError(f"domain {domain!r}: no file {path} (data_dir={cfg.data_dir!r})")
     splits: dict[str, list[str]] = {"train": [], "test": []}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:  # (a byte-order mark at the start, as some editors write, is dropped)
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {raw[err.start]:#04x} at byte "
+                                 f"{err.start + 1} of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

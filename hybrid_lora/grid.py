@@ -43,6 +43,7 @@ def grid(cfg: ExperimentConfig, lambdas: dict | None = None, suffix: str = "",
     `<method><suffix>_r<k>` (k = cfg.r is the plain run), e.g. the per-rank references of the
     rank-flexibility benchmark."""
     check_lambdas(lambdas or {})
+    check_suffix(suffix)
     for method, ks in (ranks or {}).items():
         get_method(method)
         if any(not isinstance(k, int) or k < 1 for k in ks):
@@ -60,6 +61,13 @@ def grid(cfg: ExperimentConfig, lambdas: dict | None = None, suffix: str = "",
             if all(name != n for n, *_ in per_seed):
                 per_seed.append((name, method, cfg if k == cfg.r else at_rank(cfg, k)))
     return [(name, method, seed, c) for seed in cfg.seeds for name, method, c in per_seed]
+
+
+def check_suffix(suffix: str) -> None:
+    """ValueError when the run-folder suffix holds a path separator (runs outside the results folder)."""
+    if any(c in suffix for c in ("/", "\\", os.sep, os.altsep or "/", "\0")):
+        raise ValueError(f"--suffix {suffix!r}: a suffix ends run folder names and may not hold a path "
+                         "separator (it would put runs outside --out); use e.g. _delta_w")
 
 
 def take_shard(runs: list, index: int, count: int) -> list:
@@ -92,13 +100,42 @@ def shard_from_env(env=os.environ) -> tuple[int, int] | None:
     return task - lo, count
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) during the run in folder `run`; says where it can resume from."""
+
+    def __init__(self, run: Path, checkpoint_every: int):
+        super().__init__(run)
+        self.run, self.checkpoint_every = run, checkpoint_every
+
+    def __str__(self) -> str:
+        from .checkpoint import CHECKPOINTS, checkpoint_position
+
+        at = checkpoint_position(self.run)
+        if at is None:
+            every = f"every {self.checkpoint_every} steps and " if self.checkpoint_every else ""
+            where = f"it had no checkpoint yet (they are written {every}at each epoch's end), so it starts over"
+        else:
+            where = (f"it resumes from its latest checkpoint, stage {at[0]} epoch {at[1]} step {at[2]}, "
+                     f"in {self.run / CHECKPOINTS} (later steps are trained again)")
+        return (f"the run in {self.run} was interrupted. Run the same command again: finished runs "
+                f"are skipped and {where}")
+
+
 def preflight(cfg: ExperimentConfig, out_dir: str | Path, lambdas: dict) -> None:
     """The checks of a call to `run_all` that no single run makes before it trains: the lambda
-    sweeps (they run after every method) and a writable `out_dir`; warns when a batch is larger
-    than the training set (one step per epoch). The model and the data are checked by the first
-    run as it loads them, before its first step."""
+    sweeps (they run after every method), the device, that the model's tokenizer and positions
+    fit `cfg` (from its config.json) and a writable `out_dir`; warns when a batch is larger than
+    the training set (one step per epoch). The data are checked by the first run as it loads
+    them, before its first step."""
+    from .models import check_model_config
+    from .train import resolve_device
+
     check_lambdas(lambdas)
+    resolve_device(cfg.device)
+    check_model_config(cfg)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder; give a folder for the results")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -122,6 +159,7 @@ def run_all(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
     runs. A `suffix` names the run folders `<method><suffix>` (e.g. "_delta_w")."""
     from .runs import run_experiment  # torch and transformers: only once a run starts
 
+    check_suffix(suffix)  # before preflight makes out_dir
     preflight(cfg, out_dir, lambdas or {})
     runs = grid(cfg, lambdas, suffix, ranks)
     if shard is not None:
@@ -131,7 +169,10 @@ def run_all(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
     for name, method, seed, run_cfg in runs:
         if (run_dir(out_dir, name, seed) / "metrics.json").exists() and progress:
             tqdm.write(f"{name} seed {seed}: complete in {out_dir}, skipped")
-        run_experiment(run_cfg, method, seed, out_dir, progress=progress, name=name)
+        try:
+            run_experiment(run_cfg, method, seed, out_dir, progress=progress, name=name)
+        except KeyboardInterrupt:
+            raise RunInterrupted(run_dir(out_dir, name, seed), run_cfg.checkpoint_every) from None
     write_summary(out_dir)
     return [summary_row(run_dir(out_dir, name, seed)) for name, _, seed, _ in runs]
 

@@ -140,7 +140,50 @@ def build_base_model(cfg: ExperimentConfig, vocab_size: int | None = None) -> nn
     elif gguf is not None:
         base = load_gguf_model(*gguf)
     else:
-        from transformers import AutoModelForCausalLM
-        base = AutoModelForCausalLM.from_pretrained(hub_id(cfg.model_name))
+        base = _from_pretrained(cfg.model_name)
+    check_model_fits(cfg, base.get_input_embeddings().num_embeddings, _positions(base.config), vocab_size)
     base.requires_grad_(False)
     return base
+
+
+def _from_pretrained(name: str, auto: str = "AutoModelForCausalLM"):
+    """`AutoModelForCausalLM` (or `auto`, e.g. "AutoConfig") `.from_pretrained` of a folder or hub
+    id; ValueError naming its config.json when a field there has the wrong type."""
+    import transformers
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        return getattr(transformers, auto).from_pretrained(hub_id(name))
+    except (StrictDataclassError, TypeError) as err:
+        where = Path(name) / "config.json" if Path(name).is_dir() else f"the config.json of {name!r}"
+        detail = " ".join(str(err).split())
+        raise ValueError(f"{where} does not describe a model transformers can build ({detail})") from None
+
+
+def _positions(config) -> int | None:
+    """The longest sequence a model config was built for (n_positions / max_position_embeddings)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def check_model_fits(cfg: ExperimentConfig, rows: int, positions: int | None, vocab_size: int | None) -> None:
+    """ValueError when the tokenizer has more tokens (`vocab_size`) than the model's embedding
+    has `rows` (ids past its end: an IndexError deep in torch), or max_length is above the
+    `positions` the model has."""
+    if vocab_size is not None and vocab_size > rows:
+        raise ValueError(f"model_name={cfg.model_name!r}: its tokenizer has {vocab_size} tokens but the "
+                         f"model's embedding has {rows} rows, so token ids {rows}..{vocab_size - 1} have no "
+                         "embedding; give the model the tokenizer it was trained with")
+    if positions is not None and cfg.max_length > positions:
+        raise ValueError(f"max_length={cfg.max_length} is above the {positions} positions of model_name="
+                         f"{cfg.model_name!r} (config n_positions / max_position_embeddings); "
+                         f"set max_length <= {positions}")
+
+
+def check_model_config(cfg: ExperimentConfig) -> None:
+    """`check_model_fits` from the model's config.json and tokenizer alone (no weights loaded),
+    before any data is read; tiny and GGUF models are checked as they are built."""
+    check_model_source(cfg.model_name)
+    if cfg.model_name in TINY_MODELS or gguf_location(cfg.model_name) is not None:
+        return
+    config = _from_pretrained(cfg.model_name, "AutoConfig")
+    check_model_fits(cfg, config.vocab_size, _positions(config), len(load_tokenizer(cfg)))

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -254,11 +255,22 @@ def plot_per_input(table, run: str):
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Save as PNG (150 dpi), creating folders; returns the path."""
+    """Save as PNG (150 dpi), creating folders, through a temporary file: an interruption or a
+    full disk (`results.DiskFull`) never leaves a half-written figure; returns the path."""
+    from .results import disk_errors
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"cannot write figures into {path.parent}: it is a file, not a folder")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(tmp, dpi=150, format="png")
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 

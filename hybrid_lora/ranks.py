@@ -133,9 +133,10 @@ def sweep_adapters(adapters: dict, loaders: dict, ranks, kinds, amp_dtype=None,
 
     adapters: {"stage1": model, "final": model}; loaders: {"A": eval loader, "B": ...};
     kinds: [("slice", "preserve"), ("svd", "preserve"), ...]. Each row: adapter,
-    adapter_rank, domain, kind, scaling, rank, loss, acc. `uncut` ({(adapter, domain):
-    {"loss", "acc"}}, the uncut adapter on those sequences, known from the R matrix) gives
-    the rows at an adapter's own rank without evaluating them again (a cut to its own rank
+    adapter_rank, domain, kind, scaling, rank, loss, acc. Every adapter also gets a row at
+    its own rank, listed in `ranks` or not: the reference the shares of its gain are of.
+    `uncut` ({(adapter, domain): {"loss", "acc"}}, the uncut adapter on those sequences, known
+    from the R matrix) gives those rows without evaluating them again (a cut to its own rank
     is the adapter itself: SVD only rotates its factors).
     """
     from tqdm.auto import tqdm
@@ -147,7 +148,7 @@ def sweep_adapters(adapters: dict, loaders: dict, ranks, kinds, amp_dtype=None,
 
     def todo(name, model, domain):
         r = lora_factors(model)[0][1].shape[0]
-        return [k for k in set(ranks) if k < r or (k == r and (name, domain) not in uncut)]
+        return sorted({k for k in ranks if k < r} | ({r} if (name, domain) not in uncut else set()))
 
     total = sum(len(todo(name, model, domain)) for name, model, domain, *_ in jobs)
     bar = tqdm(total=total, desc="rank sweep", unit="eval", disable=not progress)
@@ -155,7 +156,7 @@ def sweep_adapters(adapters: dict, loaders: dict, ranks, kinds, amp_dtype=None,
     for name, model, domain, loader, kind, scaling in jobs:
         r = lora_factors(model)[0][1].shape[0]
         points = rank_sweep(model, loader, todo(name, model, domain), kind, scaling, amp_dtype, progress=bar)
-        if r in ranks and (name, domain) in uncut:
+        if (name, domain) in uncut:
             points.append({"rank": r, **uncut[name, domain]})
         for point in points:
             rows.append({"adapter": name, "adapter_rank": r, "domain": domain, "kind": kind,

@@ -29,10 +29,13 @@ lambda sweep) with
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -93,6 +96,49 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+# Under this many bytes free on its disk after a write failed, the disk counts as full: torch
+# and safetensors report a full disk without errno ("unexpected pos 27328 vs 27220").
+DISK_FULL_FREE = 64 * 2 ** 20
+
+
+class DiskFull(OSError):
+    """A result or checkpoint file could not be written because its disk is full."""
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the disk that holds `path` (or its nearest existing parent); None if unknown."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | Path):
+    """Inside it, a write of `path` that fails on a full disk raises `DiskFull` naming the file
+    and how much is free; any other error passes unchanged."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - torch: RuntimeError, safetensors: SafetensorError
+        free = _free_bytes(Path(path))
+        said = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+            s in str(err) for s in ("No space left", "os error 28", "StorageFull"))
+        if isinstance(err, DiskFull) or not (said or (free is not None and free < DISK_FULL_FREE)):
+            raise
+        full = DiskFull(f"cannot write {path}: its disk is full ({_size(free)} free; {type(err).__name__}: "
+                        f"{err}). Free some space, or write elsewhere, and run the same command again: a "
+                        "run resumes from its latest checkpoint")
+        full.errno = errno.ENOSPC
+        raise full from err
+
+
+def _size(n: int | None) -> str:
+    return "unknown space" if n is None else f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n} bytes"
+
+
 def write_text_atomic(path: str | Path, write) -> Path:
     """Call `write(file)` on a temporary file beside `path`, then rename it to `path`:
     an interruption never leaves a half-written file. Under several processes (accelerate)
@@ -100,16 +146,17 @@ def write_text_atomic(path: str | Path, write) -> Path:
     path = Path(path)
     if not is_main():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _file_mode())  # mkstemp makes it 0600; results are for others to read too
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.chmod(tmp, _file_mode())  # mkstemp makes it 0600; results are for others to read too
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+                write(f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -218,8 +265,26 @@ def summary_row(run: Path) -> dict:
 
 
 def finished_runs(out: str | Path) -> list[Path]:
-    """Run folders under `out` that have a metrics.json, in sorted order."""
-    return sorted(p.parent for p in Path(out).glob("*/seed*/metrics.json"))
+    """Run folders under `out` that have a metrics.json, in sorted order; ValueError when one
+    was written by a newer hybrid-lora (a `schema_version` above SCHEMA_VERSION), whose keys
+    this one would misread."""
+    runs = sorted(p.parent for p in Path(out).glob("*/seed*/metrics.json"))
+    for run in runs:
+        check_schema(run)
+    return runs
+
+
+def check_schema(run: str | Path) -> None:
+    """ValueError naming the versions when `run`'s metrics.json has a newer schema than this code."""
+    path = Path(run) / "metrics.json"
+    try:
+        version = read_json(path).get("schema_version", 0)
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path} is unreadable ({err}); delete its run folder {run} to run it again") from None
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ValueError(f"{path} has schema_version {version!r}, newer than the {SCHEMA_VERSION} this "
+                         "hybrid-lora reads: update it (git pull, then pip install -e .) to read "
+                         "these results")
 
 
 def write_summary(out: str | Path) -> Path:

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapters import base_fingerprint, build_model, load_adapter, load_tokenizer, lora_factors
+from .adapters import base_fingerprint, build_model, load_adapter, load_tokenizer, lora_factors, rng_isolated
 from .allocation import save_allocated
 from .checkpoint import (CHECKPOINTS, checkpoint_position, clear_checkpoints, copy_dir, load_checkpoint,
-                         run_lock, save_adapter, save_checkpoint)
-from .config import RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, ExperimentConfig
+                         run_lock, save_adapter, save_checkpoint, write_dir_atomic)
+from .config import RUN_INDEPENDENT_FIELDS, STAGE2_FIELDS, SWEEP_FIELDS, ExperimentConfig
 from .continual import adapter_dir, stage_model, stage_reference
 from .data import fingerprint, make_loaders, stage_train_set, train_loader
 from .evaluate import choose_amp_dtype, evaluate_loss_and_token_acc
@@ -72,8 +72,10 @@ def check_same_run(run: Path, saved: dict, config: dict, ignore: tuple[str, ...]
     diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items()
              if k not in RUN_INDEPENDENT_FIELDS + ignore and not _same_setting(k, saved.get(k), v)]
     if diffs:
+        again = ("; to sweep a finished run at other ranks or kinds, use `python -m hybrid_lora "
+                 f"sweep-ranks --run {run}`" if all(d.split(":")[0] in SWEEP_FIELDS for d in diffs) else "")
         raise ValueError(f"{run} holds a run made with other settings ({'; '.join(diffs)}). "
-                         f"Use another output folder, or delete {run} to start it over.")
+                         f"Use another output folder, or delete {run} to start it over{again}.")
 
 
 def read_saved_config(run: Path) -> dict:
@@ -168,7 +170,7 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
     saved = read_saved_config(rd) if (rd / "config.json").exists() and _started(rd) else None
     if saved is not None:
         at_boundary = not complete and checkpoint_position(rd) == (2, 1, 0)
-        check_same_run(rd, saved, config, ignore=STAGE2_FIELDS if at_boundary else ())
+        check_same_run(rd, saved, config, ignore=() if complete else STAGE2_FIELDS if at_boundary else SWEEP_FIELDS)
 
     def finished() -> dict:
         return {"config": saved or config, "history": read_json(rd / "history.json"),
@@ -188,6 +190,11 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
     amp_dtype = choose_amp_dtype(cfg.mixed_precision, device)  # decided once for the run
     key = stage1_key(cfg, m, seed, prints["data"])
     position, history, evals, val_evals, state = (1, 1, 0), [], [], [], None
+    if saved is not None and (rd / CHECKPOINTS).is_dir():  # a changed base model is named, not the checkpoints
+        with rng_isolated():  # the model as a fresh run builds it (AdaLoRA's ranknum counts), no RNG drawn
+            fresh, _ = build_model(cfg, "cpu", r=m.train_rank(cfg), adalora=m.allocation == "adalora")
+        check_fingerprints(rd, saved, {"model": base_fingerprint(fresh)})
+        del fresh
     found = load_checkpoint(rd, cfg, device)
     donor = _shared_stage1(out_dir, rd, key) if found is None and cfg.share_stage1 else None
     if found is not None:
@@ -273,7 +280,8 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
         history[:] = [h for h in history if h["stage"] < stage] + rows
         save_adapter(model, adapter_dir(rd, stage, n_stages))
         if m.allocation and is_main():  # the same adapter cut to its per-module ranks (rank_pattern)
-            save_allocated(model, rd / adapter_dir(rd, stage, n_stages).name.replace("adapter_", "allocated_"))
+            write_dir_atomic(rd / adapter_dir(rd, stage, n_stages).name.replace("adapter_", "allocated_"),
+                             lambda tmp: save_allocated(model, tmp))
         barrier()  # the next stage's references and the sweep load it from disk
         if stage == 1:
             write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals,

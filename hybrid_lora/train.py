@@ -62,10 +62,18 @@ class FiniteGuard:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; otherwise the named device."""
+    """'auto' -> cuda when available, else cpu; otherwise the named device, ValueError when this
+    torch or machine has no such device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = ("this torch was built without CUDA" if torch.version.cuda is None
+               else "torch finds no CUDA GPU on this machine")
+        raise ValueError(f"device={name!r}: {why} (torch {torch.__version__}); use device=auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r}: this machine or torch has no MPS (Apple GPU); use device=auto or cpu")
+    return device
 
 
 def cpu_bf16_native(cpuinfo: str | None = None) -> bool | None:
