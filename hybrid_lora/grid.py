@@ -90,8 +90,15 @@ def parse_shard(text: str) -> tuple[int, int]:
 def shard_from_env(env=os.environ) -> tuple[int, int] | None:
     """(index, count) of a SLURM job array task, or None outside one. The array must be
     contiguous (--array=0-7 or 1-8): index = SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN."""
-    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+    if "SLURM_ARRAY_TASK_ID" not in env:
         return None
+    if "SLURM_ARRAY_TASK_COUNT" not in env:  # each task would run the whole grid
+        raise ValueError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: give the shard "
+                         "with --shard I/N")
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX")
+    for name in names:
+        if name in env and not env[name].strip().isdigit():
+            raise ValueError(f"{name}={env[name]!r} is not a task number; give the shard with --shard I/N")
     task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
     lo, hi = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_MAX", count - 1))
     if hi - lo + 1 != count:

@@ -97,8 +97,9 @@ def check_fingerprints(run: Path, saved: dict, now: dict) -> None:
         changed.append(f"the base model {saved.get('model_name')!r}")
     if changed:
         raise ValueError(f"{run} was made on other data or another model: {' and '.join(changed)} "
-                         "changed since (fingerprints in its config.json). Use another output "
-                         f"folder, or delete {run} to start it over.")
+                         "changed since (fingerprints in its config.json). Put back what it was made "
+                         f"with (the run then goes on), use another output folder, or delete {run} to "
+                         "start it over.")
 
 
 def _started(run: Path) -> bool:

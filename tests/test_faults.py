@@ -282,3 +282,12 @@ def test_plot_only_matching_nothing_and_out_that_is_a_file_are_errors(tmp_path, 
     assert code == 2 and "cannot write figures into" in err and "it is a file, not a folder" in err
     code, err = run_cli(capsys, *TINY_CLI, "--out", tmp_path / "file")
     assert code == 2 and "is a file, not a folder" in err
+
+
+def test_a_slurm_array_variable_that_is_not_a_number_or_alone_is_refused():
+    from hybrid_lora.grid import shard_from_env
+
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID='abc' is not a task number"):
+        shard_from_env({"SLURM_ARRAY_TASK_ID": "abc", "SLURM_ARRAY_TASK_COUNT": "4"})
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_COUNT is not: give the shard with --shard"):
+        shard_from_env({"SLURM_ARRAY_TASK_ID": "1"})  # else every task would run the whole grid
