@@ -21,7 +21,7 @@ import time
 import torch
 
 from hybrid_lora import ExperimentConfig, build_model
-from hybrid_lora.adalora import AdaLoraStep
+from hybrid_lora.allocation.adalora import AdaLoraStep
 from hybrid_lora.adapters import lora_factors
 from hybrid_lora.allocation import Allocator
 from hybrid_lora.losses import causal_lm_sums, orthogonality_penalty

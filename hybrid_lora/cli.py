@@ -154,7 +154,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def parse_lambdas(items: list[str]) -> dict[str, tuple[float, ...]]:
     """["dc=0.1,1", "l2=0.01"] -> {"dc": (0.1, 1.0), "l2": (0.01,)}; ValueError naming a bad item."""
-    from .cl_results import lambda_grid
+    from .grid import lambda_grid
     from .methods import check_lambdas
 
     out = {}

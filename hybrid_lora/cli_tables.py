@@ -25,7 +25,8 @@ def table_command(args: argparse.Namespace) -> int:
     """`table`: print the continual-learning table and write it to <results>/cl_table.csv."""
     import pandas as pd
 
-    from .cl_results import BASELINE, CL_MARKDOWN, cl_table, markdown_table, matched_gain_table, matched_markdown
+    from .analysis.cl_results import BASELINE, CL_MARKDOWN, cl_table, matched_gain_table, matched_markdown
+    from .analysis.markdown import markdown_table
 
     results = Path(args.results)
     if args.per_input:
@@ -63,8 +64,8 @@ def rank_flex_command(results: Path, markdown: bool, reference: str) -> int:
     the final adapter on B."""
     import pandas as pd
 
-    from .cl_results import markdown_table
-    from .rank_flex import rank_flex_benchmark, rank_flex_markdown_spec
+    from .analysis.markdown import markdown_table
+    from .analysis.rank_flex import rank_flex_benchmark, rank_flex_markdown_spec
     for adapter, domain in (("stage1", "A"), ("final", "B")):
         table, ref = rank_flex_benchmark(results, adapter, domain, reference)
         print(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter on {domain}: share of the gain of "
@@ -83,22 +84,22 @@ def rank_flex_command(results: Path, markdown: bool, reference: str) -> int:
 
 
 def rank_table_command(results: Path, markdown: bool, reference: str | None = None) -> int:
-    """`table --rank-sweep`: the `rank_flex_table` of the Stage-1 adapter on A and of the final
+    """`table --rank-sweep`: the `rank_sweep_table` of the Stage-1 adapter on A and of the final
     adapter on B (on the other domain an adapter's gain is near zero, so shares of it are noise)."""
     import pandas as pd
 
-    from .cl_results import markdown_table
-    from .sweep_results import load_sweeps, rank_flex_markdown_spec, rank_flex_table
+    from .analysis.markdown import markdown_table
+    from .analysis.sweep_results import load_sweeps, rank_sweep_markdown_spec, rank_sweep_table
 
     sweeps = load_sweeps(results)
     suffix = f"_vs_{reference}" if reference else ""
     swept = set(sweeps[["adapter", "domain"]].itertuples(index=False, name=None))
     for adapter, domain in [pair for pair in (("stage1", "A"), ("final", "B")) if pair in swept]:
-        t = rank_flex_table(sweeps, adapter, domain, reference)
+        t = rank_sweep_table(sweeps, adapter, domain, reference)
         print(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter on {domain}, share of "
               f"{'the gain of ' + reference + ' uncut' if reference else 'its own uncut gain'} kept:")
         if markdown:
-            print(markdown_table(t, rank_flex_markdown_spec(t)))
+            print(markdown_table(t, rank_sweep_markdown_spec(t)))
         else:
             with pd.option_context("display.width", 250, "display.max_columns", 40, "display.precision", 3):
                 print(t)
@@ -111,7 +112,7 @@ def allocation_command(results: Path, markdown: bool, baseline: str) -> int:
     """`table --allocation`: the allocation study's table in loss and in accuracy."""
     import pandas as pd
 
-    from .allocation_results import allocation_markdown, allocation_table
+    from .analysis.allocation_results import allocation_markdown, allocation_table
     table = allocation_table(results, baseline)
     for x in ("loss", "acc"):
         print(f"{x}: mean over seeds (difference from {baseline}, same seed [95% t-interval over seeds]); "
@@ -131,8 +132,8 @@ def per_input_command(results: Path, markdown: bool, run: str) -> int:
     """`table --per-input RUN`: `per_input_table` of RUN, printed and written as per_input_table.csv."""
     import pandas as pd
 
-    from .allocation_results import PER_INPUT_MARKDOWN, per_input_table
-    from .cl_results import markdown_table
+    from .analysis.allocation_results import PER_INPUT_MARKDOWN, per_input_table
+    from .analysis.markdown import markdown_table
     table = per_input_table(results, run)
     print(f"{run}: rank per input (feature) against a fixed cut and random ranks at the same average; "
           "differences feature - control, same seed, nats/token (loss) and share of tokens (acc)")

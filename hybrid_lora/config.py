@@ -233,129 +233,161 @@ class ExperimentConfig:
 
     # ------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Raise ValueError naming the field and the bad value."""
+        """Raise ValueError naming the field and the bad value (the first bad one, checked group
+        by group in this order)."""
+        self._check_sizes()
+        self._check_numbers()
+        self._check_layout()
+        self._check_rank_schedule()
+        self._check_runs()
+        self._check_data()
+        self._check_rank_methods()
+        self._check_allocation()
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise self._bad("mixed_precision", f"must be one of {MIXED_PRECISIONS}")
 
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"ExperimentConfig.{name}={getattr(self, name)!r}: {why}")
+    def _bad(self, name: str, why: str) -> ValueError:
+        return ValueError(f"ExperimentConfig.{name}={getattr(self, name)!r}: {why}")
 
+    def _check_sizes(self) -> None:
+        """Positive sizes: ranks, lengths, batch, counts, the tiny model."""
         for name in ("r", "max_length", "batch_size", "n_train", "n_eval",
                      "tiny_n_layer", "tiny_n_embd", "tiny_n_head"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise bad(name, "must be a positive integer")
+                raise self._bad(name, "must be a positive integer")
         if self.max_length < 2:  # a next-token label needs a token before it
-            raise bad("max_length", "must be at least 2 (one token to predict the next from)")
+            raise self._bad("max_length", "must be at least 2 (one token to predict the next from)")
+
+    def _check_numbers(self) -> None:
+        """Finite numbers in range: learning rate, alpha, dropout, lambdas, epochs."""
         for name in FLOAT_FIELDS:  # NaN passes every comparison below, so test it first
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise bad(name, "must be a number")
+                raise self._bad(name, "must be a number")
             if not math.isfinite(value):
-                raise bad(name, "must be a finite number")
+                raise self._bad(name, "must be a finite number")
         for name in ("epochs_stage1", "epochs_stage2", "checkpoint_every", "ewc_samples", "n_val"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise bad(name, "must be a non-negative integer")
+                raise self._bad(name, "must be a non-negative integer")
         if self.lora_alpha <= 0:
-            raise bad("lora_alpha", "must be positive")
+            raise self._bad("lora_alpha", "must be positive")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise bad("lora_dropout", "must be in [0, 1)")
+            raise self._bad("lora_dropout", "must be in [0, 1)")
         if self.lr <= 0:
-            raise bad("lr", "must be positive")
+            raise self._bad("lr", "must be positive")
         if not 0.0 <= self.replay_fraction <= 1.0:
-            raise bad("replay_fraction", "must be in [0, 1]")
+            raise self._bad("replay_fraction", "must be in [0, 1]")
         for name in ("lambda_order", "lambda_dc", "weight_decay", "lambda_l2", "lambda_ewc", "lambda_olora",
                      "orth_reg_weight"):
             if getattr(self, name) < 0:
-                raise bad(name, "must be >= 0")
+                raise self._bad(name, "must be >= 0")
+
+    def _check_layout(self) -> None:
+        """Target modules, gradient accumulation, evaluation batch sizes."""
         if not self.target_modules:
-            raise bad("target_modules", "name at least one module")
+            raise self._bad("target_modules", "name at least one module")
         if len(self.target_modules) > 1 and set(self.target_modules) & set(TARGET_KEYWORDS):
-            raise bad("target_modules", f"{' and '.join(TARGET_KEYWORDS)} stand alone; do not mix them with names")
+            raise self._bad("target_modules", f"{' and '.join(TARGET_KEYWORDS)} stand alone; do not mix them with names")
         if not isinstance(self.gradient_accumulation_steps, int) or self.gradient_accumulation_steps < 1:
-            raise bad("gradient_accumulation_steps", "must be a positive integer")
+            raise self._bad("gradient_accumulation_steps", "must be a positive integer")
         if self.batch_size % self.gradient_accumulation_steps:
-            raise bad("gradient_accumulation_steps", f"must divide batch_size={self.batch_size} "
+            raise self._bad("gradient_accumulation_steps", f"must divide batch_size={self.batch_size} "
                       "(batch_size counts the sequences of one optimizer step)")
         if self.sweep_n_eval is not None and (not isinstance(self.sweep_n_eval, int) or self.sweep_n_eval < 1):
-            raise bad("sweep_n_eval", "must be a positive integer or None (None: every evaluation text)")
+            raise self._bad("sweep_n_eval", "must be a positive integer or None (None: every evaluation text)")
         if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int)
                                                  or self.eval_batch_size < 1):
-            raise bad("eval_batch_size", "must be a positive integer or None (None: batch_size)")
+            raise self._bad("eval_batch_size", "must be a positive integer or None (None: batch_size)")
+
+    def _check_rank_schedule(self) -> None:
+        """The Stage-2 rank schedule and how a cut is rebuilt."""
         if not self.rank_schedule:
-            raise bad("rank_schedule", "give one rank per Stage-2 epoch")
+            raise self._bad("rank_schedule", "give one rank per Stage-2 epoch")
         for k in self.rank_schedule:
             if not isinstance(k, int) or k < 1:
-                raise bad("rank_schedule", f"rank {k!r} is below 1")
+                raise self._bad("rank_schedule", f"rank {k!r} is below 1")
             if k > self.r:
-                raise bad("rank_schedule", f"rank {k} is above r={self.r}")
+                raise self._bad("rank_schedule", f"rank {k} is above r={self.r}")
         if any(b > a for a, b in zip(self.rank_schedule, self.rank_schedule[1:])):
-            raise bad("rank_schedule", "ranks must be non-increasing")
+            raise self._bad("rank_schedule", "ranks must be non-increasing")
         if len(self.rank_schedule) != self.epochs_stage2:
-            raise bad("rank_schedule", f"needs one rank per Stage-2 epoch "
+            raise self._bad("rank_schedule", f"needs one rank per Stage-2 epoch "
                       f"(epochs_stage2={self.epochs_stage2}, got {len(self.rank_schedule)})")
         if self.rebuild_scaling not in REBUILD_SCALINGS:
-            raise bad("rebuild_scaling", f"must be one of {REBUILD_SCALINGS}")
+            raise self._bad("rebuild_scaling", f"must be one of {REBUILD_SCALINGS}")
+
+    def _check_runs(self) -> None:
+        """Methods and seeds."""
         for m in self.methods:
             if m not in METHOD_NAMES:
-                raise bad("methods", f"unknown method {m!r}; known: {METHOD_NAMES}")
+                raise self._bad("methods", f"unknown method {m!r}; known: {METHOD_NAMES}")
         if not self.seeds:
-            raise bad("seeds", "give at least one seed")
+            raise self._bad("seeds", "give at least one seed")
         for name, seeds in (("seeds", self.seeds), ("base_seed", (self.base_seed,)),
                             ("train_data_seed", () if self.train_data_seed is None else (self.train_data_seed,))):
             for seed in seeds:  # numpy's SeedSequence refuses negative seeds, torch's above 2**64
                 if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
-                    raise bad(name, f"seed {seed!r} is not an integer from 0 to 2**63 - 1")
+                    raise self._bad(name, f"seed {seed!r} is not an integer from 0 to 2**63 - 1")
+
+    def _check_data(self) -> None:
+        """Data source, domains, device, switches."""
         if self.data_source not in DATA_SOURCES:
-            raise bad("data_source", f"must be one of {DATA_SOURCES}")
+            raise self._bad("data_source", f"must be one of {DATA_SOURCES}")
         if self.data_source == "local" and not self.data_dir:
-            raise bad("data_dir", "data_source='local' needs a data_dir")
+            raise self._bad("data_dir", "data_source='local' needs a data_dir")
         if len(self.domains) < 2:
-            raise bad("domains", "give two or more domains: Stage 1, Stage 2, ...")
+            raise self._bad("domains", "give two or more domains: Stage 1, Stage 2, ...")
         if len(set(self.domains)) != len(self.domains):
-            raise bad("domains", "every stage needs a different domain")
+            raise self._bad("domains", "every stage needs a different domain")
         for d in self.domains:
             if self.data_source == "builtin" and d not in BUILTIN_DOMAINS:
-                raise bad("domains", f"unknown builtin domain {d!r}; known: {BUILTIN_DOMAINS}")
+                raise self._bad("domains", f"unknown builtin domain {d!r}; known: {BUILTIN_DOMAINS}")
             if self.data_source == "hub" and d not in HUB_DOMAINS and ":" not in d:
-                raise bad("domains", f"unknown hub domain {d!r}: use one of {tuple(HUB_DOMAINS)} "
+                raise self._bad("domains", f"unknown hub domain {d!r}: use one of {tuple(HUB_DOMAINS)} "
                           "or '<dataset>[@<config>]:<text column>'")
         if self.device not in DEVICES:
-            raise bad("device", f"must be one of {DEVICES}")
+            raise self._bad("device", f"must be one of {DEVICES}")
         for name in ("keep_checkpoints", "dylora_frozen", "share_stage1", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
-                raise bad(name, "must be True or False")
+                raise self._bad(name, "must be True or False")
+
+    def _check_rank_methods(self) -> None:
+        """DyLoRA, DC variant, Matryoshka ranks, rank sweeps."""
         if not isinstance(self.dylora_r_min, int) or not 1 <= self.dylora_r_min <= min(self.rank_schedule):
-            raise bad("dylora_r_min", f"must be between 1 and the lowest scheduled rank {min(self.rank_schedule)}")
+            raise self._bad("dylora_r_min", f"must be between 1 and the lowest scheduled rank {min(self.rank_schedule)}")
         if self.dc_variant not in DC_VARIANTS:
-            raise bad("dc_variant", f"must be one of {DC_VARIANTS}")
+            raise self._bad("dc_variant", f"must be one of {DC_VARIANTS}")
         if self.dylora_distribution not in DYLORA_DISTRIBUTIONS:
-            raise bad("dylora_distribution", f"must be one of {DYLORA_DISTRIBUTIONS}")
+            raise self._bad("dylora_distribution", f"must be one of {DYLORA_DISTRIBUTIONS}")
         if not 0.0 < self.dylora_p < 1.0:
-            raise bad("dylora_p", "must be in (0, 1)")
+            raise self._bad("dylora_p", "must be in (0, 1)")
         if any(not isinstance(k, int) or k < 1 for k in self.sweep_ranks):
-            raise bad("sweep_ranks", "ranks must be positive integers")
+            raise self._bad("sweep_ranks", "ranks must be positive integers")
         if any(not isinstance(k, int) or not 1 <= k <= self.r for k in self.matryoshka_ranks):
-            raise bad("matryoshka_ranks", f"ranks must be integers from 1 to r={self.r}")
+            raise self._bad("matryoshka_ranks", f"ranks must be integers from 1 to r={self.r}")
         for kind in self.sweep_kinds:
             if kind not in SWEEP_KINDS:
-                raise bad("sweep_kinds", f"unknown kind {kind!r}; known: {SWEEP_KINDS}")
+                raise self._bad("sweep_kinds", f"unknown kind {kind!r}; known: {SWEEP_KINDS}")
+
+    def _check_allocation(self) -> None:
+        """Importance estimator and the allocation schedule."""
         if self.importance not in IMPORTANCES:
-            raise bad("importance", f"must be one of {IMPORTANCES}")
+            raise self._bad("importance", f"must be one of {IMPORTANCES}")
         for name in ("alloc_tinit", "alloc_tfinal"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise bad(name, "must be a share of a stage's steps in [0, 1)")
+                raise self._bad(name, "must be a share of a stage's steps in [0, 1)")
         if self.alloc_tinit + self.alloc_tfinal >= 1.0:
-            raise bad("alloc_tfinal", f"alloc_tinit + alloc_tfinal = {self.alloc_tinit + self.alloc_tfinal} "
+            raise self._bad("alloc_tfinal", f"alloc_tinit + alloc_tfinal = {self.alloc_tinit + self.alloc_tfinal} "
                       "leaves no steps for the budget to fall; their sum must be below 1")
         if not isinstance(self.alloc_delta_t, int) or self.alloc_delta_t < 1:
-            raise bad("alloc_delta_t", "must be a positive integer (steps)")
+            raise self._bad("alloc_delta_t", "must be a positive integer (steps)")
         for name in ("alloc_beta1", "alloc_beta2"):
             if not 0.0 < getattr(self, name) < 1.0:
-                raise bad(name, "must be in (0, 1)")
+                raise self._bad(name, "must be in (0, 1)")
         allocating = [m for m in self.methods if m in ALLOCATING_METHODS]
         if allocating and self.rank_schedule[-1] >= self.r:
-            raise bad("rank_schedule", f"methods {allocating} allocate a budget of uniform rank "
+            raise self._bad("rank_schedule", f"methods {allocating} allocate a budget of uniform rank "
                       f"rank_schedule[-1]={self.rank_schedule[-1]} out of r={self.r}: it must be below r")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise bad("mixed_precision", f"must be one of {MIXED_PRECISIONS}")
 
     # ------------------------------------------------------------ conversion
     def to_dict(self) -> dict:

@@ -17,9 +17,9 @@ import torch
 
 from .adapters import (_quiet_peft, attach_lora, build_base_model, build_model, flatten_factors,
                        load_adapter, load_tokenizer, lora_factors, rng_isolated, snapshot_factors)
-from .cl_losses import dc_delta_w, dc_per_module, delta_w_l2, ewc_penalty, module_vectors, olora_penalty
 from .config import ExperimentConfig
-from .losses import causal_lm_sums, domain_correlation_loss
+from .losses import (causal_lm_sums, dc_delta_w, dc_per_module, delta_w_l2, domain_correlation_loss, ewc_penalty,
+                     module_vectors, olora_penalty)
 from .methods import Method
 
 

@@ -9,6 +9,7 @@ folder; one lock file per run folder keeps two processes out of one run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -17,12 +18,30 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .cl_results import sweep_name
 from .config import ExperimentConfig
 from .methods import LAMBDA_FIELDS, check_lambdas, get_method
 from .results import run_dir, summary_row, write_summary
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
+
+
+def lambda_grid(lo: float, hi: float, per_decade: int = 3) -> tuple[float, ...]:
+    """Log-spaced lambdas from lo to hi, `per_decade` per factor of 10, at 3 significant digits
+    (so run names stay short): lambda_grid(0.1, 10) = (0.1, 0.215, 0.464, 1, 2.15, 4.64, 10).
+    A `lo` that is a rounded grid point (2.15 for 10^(1/3)) counts as that point, so
+    lambda_grid(2.15, 21.5) = (2.15, 4.64, 10, 21.5), not (2.15, 4.63, 9.98, 21.5)."""
+    if not 0 < lo <= hi:
+        raise ValueError(f"lambda grid {lo}:{hi}: need 0 < lo <= hi")
+    step = round(math.log10(lo) * per_decade)
+    if float(f"{10 ** (step / per_decade):.3g}") == float(f"{lo:.3g}"):
+        lo = 10 ** (step / per_decade)
+    n = round(math.log10(hi / lo) * per_decade)
+    return tuple(float(f"{lo * 10 ** (k / per_decade):.3g}") for k in range(n + 1))
+
+
+def sweep_name(method: str, lam: float) -> str:
+    """The run folder name of `method` at lambda `lam` in a lambda sweep, e.g. "dc_lam0.1"."""
+    return f"{method}_lam{lam:g}"
 
 
 def at_rank(cfg: ExperimentConfig, k: int) -> ExperimentConfig:

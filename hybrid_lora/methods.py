@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from .config import METHOD_NAMES, ExperimentConfig
 
-PENALTIES = ("l2", "ewc", "olora")
 LAMBDA_FIELDS = {"dc": "lambda_dc", "l2": "lambda_l2", "ewc": "lambda_ewc", "olora": "lambda_olora",
                  "order": "lambda_order"}
 RENAMED = {"joint": "cumulative"}  # result folders of schema <= 3 name methods by their old names
@@ -22,7 +21,7 @@ class Method:
     name: str
     order: bool          # ordering regularizer in every stage
     dc: bool             # domain-correlation loss in every stage after the first
-    rank_schedule: bool  # Stage 2 follows cfg.rank_schedule (rebuild each epoch)
+    scheduled: bool      # Stage 2 follows cfg.rank_schedule (rebuild each epoch)
     description: str
     nested: str | None = None  # rank-nested training in every stage: "dylora" (a sampled rank b
     #                            per step) or "matryoshka" (every prefix weighted in each step)
@@ -32,7 +31,7 @@ class Method:
     adapter: str = "continue"   # "continue" the adapter; "add": merge it into the base and add a
     #                             new one each stage (freeze-and-add); "reset": a new one each
     #                             stage from the base alone (each domain trained on its own)
-    allocation: str | None = None  # budgeted rank allocation across modules (allocation.py):
+    allocation: str | None = None  # budgeted rank allocation across modules (allocation/):
     #                                "budget" re-allocates every stage, "protect" freezes what
     #                                earlier stages kept and allocates the new stage elsewhere;
     #                                "adalora": PEFT's AdaLoRA adapter and allocator
@@ -60,13 +59,9 @@ class Method:
     def stage_ranks(self, cfg: ExperimentConfig, stage: int) -> tuple[int, ...]:
         """The LoRA rank of each epoch of `stage`; after Stage 2 a scheduled method stays at
         the schedule's last rank."""
-        if stage >= 2 and self.rank_schedule:
+        if stage >= 2 and self.scheduled:
             return cfg.rank_schedule if stage == 2 else (cfg.rank_schedule[-1],) * cfg.epochs_stage2
         return (self.train_rank(cfg),) * (cfg.epochs_stage1 if stage == 1 else cfg.epochs_stage2)
-
-    def stage2_ranks(self, cfg: ExperimentConfig) -> tuple[int, ...]:
-        """The LoRA rank of each Stage-2 epoch."""
-        return self.stage_ranks(cfg, 2)
 
     def cut_scaling(self, cfg: ExperimentConfig) -> str:
         """How this method's adapters are cut to a lower rank, in training (rebuild) and sweeps.

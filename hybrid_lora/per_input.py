@@ -26,9 +26,8 @@ from .config import ExperimentConfig
 from .data import make_loaders
 from .evaluate import evaluate_loss_and_token_acc
 from .ranks import slice_multiplier
-from .results import read_json, write_json_atomic
+from .results import PER_INPUT_FILE, read_json, write_json_atomic
 
-PER_INPUT_FILE = "per_input.json"
 PER_INPUT_SCHEMA = 1
 POLICIES = ("feature", "random", "fixed")
 

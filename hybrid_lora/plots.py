@@ -145,8 +145,8 @@ def plot_rank_flex(out, adapter: str = "stage1", domain: str = "A", reference: s
     (right) versus rank (log2 axis) of every compared adapter cut to each rank (the lambda chosen
     on validation texts only; mean over seeds), and the LoRA trained at each rank as points with
     95 % t-intervals over seeds."""
-    from .rank_flex import rank_flex_benchmark, reference_points
-    from .sweep_results import load_sweeps
+    from .analysis.rank_flex import rank_flex_benchmark, reference_points
+    from .analysis.sweep_results import load_sweeps
 
     table, _ = rank_flex_benchmark(out, adapter, domain, reference)
     sweeps = load_sweeps(out)
@@ -277,11 +277,10 @@ def save_figure(fig, path: str | Path) -> Path:
 def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ()) -> list[Path]:
     """Redraw every figure of the results folder `out` into `image_dir` (with `only`, just
     those whose file name starts with one of its entries, e.g. ("pareto",)); returns the PNG paths."""
-    from .allocation_results import per_input_table, rank_maps
-    from .cl_results import BASELINE, cl_table
-    from .per_input import PER_INPUT_FILE
-    from .results import ALLOCATION_FILE, load_history, load_summary
-    from .sweep_results import load_sweeps
+    from .analysis.allocation_results import per_input_table, rank_maps
+    from .analysis.cl_results import BASELINE, cl_table
+    from .results import ALLOCATION_FILE, PER_INPUT_FILE, load_history, load_summary
+    from .analysis.sweep_results import load_sweeps
 
     summary, history = load_summary(out), load_history(out)
     paths = []

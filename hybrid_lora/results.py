@@ -51,6 +51,7 @@ HISTORY_KEYS = ("stage", "epoch", "rank", "train_ce", "train_order", "train_dc",
 STAGE1_FILE = "stage1.json"            # Stage 1's key, history and evaluations (for sharing it)
 SEQUENCES_FILE = "eval_sequences.json"  # per-sequence sums behind every entry of R
 ALLOCATION_FILE = "allocation.json"     # per-epoch ranks and importance of allocating methods
+PER_INPUT_FILE = "per_input.json"      # rank per input of a nested run (command per-input)
 ALLOCATION_SCHEMA = 1
 EVAL_KEYS = ("A_base", "B_base", "A_after_stage1", "A_after_stage2", "B_after_stage2")
 DERIVED_KEYS = ("retention", "delta_loss_A", "gain_retained")
@@ -395,15 +396,14 @@ def cl_metrics(acc: list[list[float]], loss: list[list[float]],
     return out
 
 
-def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: int = 0) -> tuple:
-    """(mean of a - b, lower, upper): percentile bootstrap CI of the mean paired difference,
-    resampling the evaluation sequences (a[j] and b[j] measured on the same sequence j)."""
-    import numpy as np
-
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if d.ndim != 1 or len(d) < 2:
-        raise ValueError(f"need two equal-length 1-D sequences of >= 2 values; got shape {d.shape}")
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
-    means = d[idx].mean(axis=1)
-    tail = (1 - level) / 2
-    return float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+def train_seconds(out: str | Path) -> dict[tuple[str, int], float]:
+    """{(run name, seed): its fastest epoch's `train_seconds`} for finished runs that have them.
+    The fastest, not the sum: other work on the machine only ever slows an epoch down, and every
+    epoch of these runs does the same work (same number of fixed-length batches)."""
+    seconds = {}
+    for run in finished_runs(out):
+        history = read_json(run / "history.json")
+        if history and all("train_seconds" in row for row in history):
+            seed = read_json(run / "config.json")["seed"]
+            seconds[run.parent.name, seed] = min(row["train_seconds"] for row in history)
+    return seconds

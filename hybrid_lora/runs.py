@@ -36,7 +36,7 @@ from .ranks import sweep_run
 from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, run_dir, run_metrics,
                       two_domain_evals, write_history, write_json_atomic)
 from .sources import hub_id
-from .sweep_results import sweep_aucs, sweep_reference
+from .analysis.sweep_results import sweep_aucs, sweep_reference
 from .train import NonFiniteLoss, resolve_device, set_seed, train_stage
 
 
@@ -163,34 +163,122 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
 
 
 def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) -> dict:
+    """The run of `run_experiment` in its folder `rd`: check the folder against this call, load
+    the data, start (or resume, or take a shared Stage 1), train the stages, then write the
+    metrics, sweep the adapters and mark the run complete."""
     m = get_method(method)
-    n_stages = len(cfg.domains)
     config = {**cfg.to_dict(), "method": method, "seed": seed, "schema_version": SCHEMA_VERSION}
     complete = (rd / "metrics.json").exists()
-    # a config.json with nothing trained beside it (a run that failed while loading) binds nothing
-    saved = read_saved_config(rd) if (rd / "config.json").exists() and _started(rd) else None
-    if saved is not None:
-        at_boundary = not complete and checkpoint_position(rd) == (2, 1, 0)
-        check_same_run(rd, saved, config, ignore=() if complete else STAGE2_FIELDS if at_boundary else SWEEP_FIELDS)
-
-    def finished() -> dict:
-        return {"config": saved or config, "history": read_json(rd / "history.json"),
-                "metrics": read_json(rd / "metrics.json"), "complete": True}
-
+    saved = _saved_config(rd, config, complete)
     if complete and not (saved or {}).get("fingerprints"):  # made before fingerprints existed
-        return finished()
+        return _finished(rd, saved or config)
     tok = load_tokenizer(cfg)
     loaders = [make_loaders(cfg, tok, domain, seed) for domain in cfg.domains]
     prints = {"data": {d: fingerprint(ld) for d, ld in zip(cfg.domains, loaders)}}
     if saved is not None:  # cheap enough to check a complete run too: no model is loaded
         check_fingerprints(rd, saved, prints)
     if complete:
-        return finished()
+        return _finished(rd, saved or config)
     set_seed(seed)  # the same on every process: the LoRA init must agree
     device = setup(resolve_device(cfg.device))  # joins the process group under accelerate / torchrun
-    amp_dtype = choose_amp_dtype(cfg.mixed_precision, device)  # decided once for the run
+    run = _Run(rd, cfg, m, loaders, choose_amp_dtype(cfg.mixed_precision, device), config)  # amp: once
     key = stage1_key(cfg, m, seed, prints["data"])
-    position, history, evals, val_evals, state = (1, 1, 0), [], [], [], None
+    model, position, state = _start(run, saved, out_dir, key, device)
+    prints["model"] = base_fingerprint(model)  # LoRA weights left out: the same at every resume
+    if saved is not None:
+        check_fingerprints(rd, saved, prints)
+    config["fingerprints"] = prints
+    write_json_atomic(rd / "config.json", config)  # only once data and model have loaded
+    if stop_after_stage is not None and position[0] > stop_after_stage:
+        return run.result(False)
+    if not run.evals:  # LoRA B starts at zero, so the fresh PEFT model computes the base model
+        run.evaluate_all(model)
+    model = _train_stages(run, model, position, state, seed, key, device, progress, stop_after_stage)
+    if model is None:  # stopped after stage `stop_after_stage`
+        return run.result(False)
+    val = {x: _matrix(run.val_evals, x) for x in ("loss", "acc")} if cfg.n_val else None
+    metrics = run_metrics(cfg.domains, _matrix(run.evals, "loss"), _matrix(run.evals, "acc"), val)
+    sequences = {"domains": list(cfg.domains), "R": [[e["seq"] for e in row] for row in run.evals]}
+    if run.val_evals and all("seq" in e for row in run.val_evals for e in row):  # (not a copied old Stage 1)
+        sequences["R_val"] = [[e["seq"] for e in row] for row in run.val_evals]
+    write_json_atomic(rd / SEQUENCES_FILE, sequences, indent=None)  # the sweep reads it
+    barrier()
+    # (an allocated adapter has per-module ranks and unordered components: no uniform cut)
+    if cfg.sweep_ranks and cfg.sweep_kinds and len(cfg.domains) == 2 and m.adapter == "continue" \
+            and not m.allocation:
+        del model  # the sweep loads both adapters back from disk
+        metrics.update(_final_sweep(run, "R_val" in sequences, device, progress))
+    # no timings in metrics.json: same seed, same file
+    write_history(rd, run.history)
+    write_json_atomic(rd / "metrics.json", metrics)  # written last: marks the run complete
+    if not cfg.keep_checkpoints:
+        clear_checkpoints(rd)
+    barrier()  # every process returns once the files are there
+    return run.result(True) | {"metrics": metrics}
+
+
+def _saved_config(rd: Path, config: dict, complete: bool) -> dict | None:
+    """The run folder's saved config.json, checked against this call's `config` (ValueError
+    naming the fields that differ), or None for a new run. A config.json with nothing trained
+    beside it (a run that failed while loading) binds nothing."""
+    saved = read_saved_config(rd) if (rd / "config.json").exists() and _started(rd) else None
+    if saved is not None:
+        at_boundary = not complete and checkpoint_position(rd) == (2, 1, 0)
+        check_same_run(rd, saved, config, ignore=() if complete else STAGE2_FIELDS if at_boundary else SWEEP_FIELDS)
+    return saved
+
+
+def _finished(rd: Path, config: dict) -> dict:
+    """A complete run as `run_experiment` returns it, read from its files."""
+    return {"config": config, "history": read_json(rd / "history.json"),
+            "metrics": read_json(rd / "metrics.json"), "complete": True}
+
+
+def _matrix(rows, x: str) -> list[list[float]]:
+    """The loss or accuracy (`x`) matrix of R rows of evaluations."""
+    return [[e[x] for e in row] for row in rows]
+
+
+class _Run:
+    """One run while it trains: its folder, config, method, data and amp dtype, and what it
+    has so far (history rows, R and R_val rows of evaluations)."""
+
+    def __init__(self, rd: Path, cfg, m: Method, loaders, amp_dtype, config: dict):
+        self.rd, self.cfg, self.m, self.loaders, self.amp_dtype, self.config = rd, cfg, m, loaders, amp_dtype, config
+        self.history, self.evals, self.val_evals = [], [], []
+
+    def evaluate_all(self, model) -> None:
+        """One row of R (every domain, per-sequence sums) and of R_val; NonFiniteLoss on a NaN."""
+        cfg, amp = self.cfg, self.amp_dtype
+        self.evals.append([evaluate_loss_and_token_acc(model, ld.eval, amp, per_sequence=True)
+                           for ld in self.loaders])
+        for domain, e in zip(cfg.domains, self.evals[-1]):  # a NaN result never marks a run complete
+            if not (math.isfinite(e["loss"]) and math.isfinite(e["acc"])):
+                raise NonFiniteLoss(f"{self.rd}: evaluation on {domain!r} after stage {len(self.evals) - 1} "
+                                    f"gave loss {e['loss']}, accuracy {e['acc']}; the run is not "
+                                    "marked complete")
+        if cfg.n_val:
+            self.val_evals.append([evaluate_loss_and_token_acc(model, ld.val, amp, per_sequence=True)
+                                   for ld in self.loaders])
+
+    def checkpoint(self, model, pos, st, rows) -> None:
+        """`train_stage`'s checkpoint callback: the live history.json, then the checkpoint."""
+        done = [h for h in self.history if h["stage"] < pos[0]] + rows
+        write_history(self.rd, done)  # live history, for plotting mid-run
+        save_checkpoint(self.rd, model, pos, st, {"history": done, "evals": self.evals, "val_evals": self.val_evals})
+
+    def result(self, complete: bool) -> dict:
+        """What `run_experiment` returns: an unfinished run has its two-domain keys so far."""
+        metrics = two_domain_evals(self.cfg.domains, _matrix(self.evals, "loss"), _matrix(self.evals, "acc"))
+        return {"config": self.config, "history": self.history, "metrics": metrics, "complete": complete}
+
+
+def _start(run: _Run, saved: dict | None, out_dir, key: dict, device):
+    """(model, position, checkpoint state or None) the run goes on from: its latest checkpoint
+    (once the base model is checked against the one it was made with), an identical finished
+    Stage 1 in `out_dir` (`share_stage1`: copied), or a fresh adapter. Sets the run's history
+    and evaluations so far."""
+    rd, cfg, m = run.rd, run.cfg, run.m
     if saved is not None and (rd / CHECKPOINTS).is_dir():  # a changed base model is named, not the checkpoints
         with rng_isolated():  # the model as a fresh run builds it (AdaLoRA's ranknum counts), no RNG drawn
             fresh, _ = build_model(cfg, "cpu", r=m.train_rank(cfg), adalora=m.allocation == "adalora")
@@ -199,11 +287,11 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
     found = load_checkpoint(rd, cfg, device)
     donor = _shared_stage1(out_dir, rd, key) if found is None and cfg.share_stage1 else None
     if found is not None:
-        model, state, progress_saved = found
-        position, history, evals = (tuple(progress_saved["position"]), progress_saved["history"],
-                                    progress_saved["evals"])
-        val_evals = progress_saved.get("val_evals", [])
-    elif donor is not None:  # Stage 1 done elsewhere: take its adapter, history and evaluations
+        model, state, saved_progress = found
+        run.history, run.evals = saved_progress["history"], saved_progress["evals"]
+        run.val_evals = saved_progress.get("val_evals", [])
+        return model, tuple(saved_progress["position"]), state
+    if donor is not None:  # Stage 1 done elsewhere: take its adapter, history and evaluations
         shared = read_json(donor / STAGE1_FILE)
         copy_dir(donor / "adapter_stage1", rd / "adapter_stage1")
         if (donor / "allocated_stage1").is_dir():  # an allocating method's cut adapter
@@ -212,52 +300,24 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
                           indent=None)
         barrier()  # process 0 copied it
         model = load_adapter(cfg, rd / "adapter_stage1", device, trainable=True)
-        position, history, evals = (2, 1, 0), shared["history"], shared["evals"]
-        val_evals = shared.get("val_evals", [])
-    else:
-        model, _ = build_model(cfg, device, r=m.train_rank(cfg), adalora=m.allocation == "adalora")
-    prints["model"] = base_fingerprint(model)  # LoRA weights left out: the same at every resume
-    if saved is not None:
-        check_fingerprints(rd, saved, prints)
-    config["fingerprints"] = prints
-    write_json_atomic(rd / "config.json", config)  # only once data and model have loaded
-    train_sets = [ld.train.dataset for ld in loaders]
+        run.history, run.evals, run.val_evals = shared["history"], shared["evals"], shared.get("val_evals", [])
+        return model, (2, 1, 0), None
+    model, _ = build_model(cfg, device, r=m.train_rank(cfg), adalora=m.allocation == "adalora")
+    return model, (1, 1, 0), None
 
-    def evaluate_all(model) -> None:  # one row of R (every domain, per-sequence sums) and of R_val
-        evals.append([evaluate_loss_and_token_acc(model, ld.eval, amp_dtype, per_sequence=True)
-                      for ld in loaders])
-        for domain, e in zip(cfg.domains, evals[-1]):  # a NaN result never marks a run complete
-            if not (math.isfinite(e["loss"]) and math.isfinite(e["acc"])):
-                raise NonFiniteLoss(f"{rd}: evaluation on {domain!r} after stage {len(evals) - 1} "
-                                    f"gave loss {e['loss']}, accuracy {e['acc']}; the run is not "
-                                    "marked complete")
-        if cfg.n_val:
-            val_evals.append([evaluate_loss_and_token_acc(model, ld.val, amp_dtype, per_sequence=True)
-                              for ld in loaders])
 
-    def matrix(rows, x) -> list[list[float]]:
-        return [[e[x] for e in row] for row in rows]
-
-    def metrics_so_far() -> dict:  # an unfinished run's two-domain keys
-        return two_domain_evals(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"))
-
-    def checkpoint(model, pos, st, rows) -> None:
-        done = [h for h in history if h["stage"] < pos[0]] + rows
-        write_history(rd, done)  # live history, for plotting mid-run
-        save_checkpoint(rd, model, pos, st, {"history": done, "evals": evals, "val_evals": val_evals})
-
-    def result(complete: bool) -> dict:
-        return {"config": config, "history": history, "metrics": metrics_so_far(), "complete": complete}
-
-    if stop_after_stage is not None and position[0] > stop_after_stage:
-        return result(False)
-    if not evals:  # LoRA B starts at zero, so the fresh PEFT model computes the base model
-        evaluate_all(model)
+def _train_stages(run: _Run, model, position, state, seed: int, key: dict, device, progress,
+                  stop_after_stage):
+    """Train stages position[0], ... (the first from `state` when it resumes mid-stage), each
+    evaluated (a row of R) and saved; returns the final model, or None when it stopped after
+    stage `stop_after_stage`."""
+    rd, cfg, m, loaders = run.rd, run.cfg, run.m, run.loaders
+    n_stages, train_sets = len(cfg.domains), [ld.train.dataset for ld in loaders]
     for stage in range(position[0], n_stages + 1):
         resume = None
         if state is not None and stage == position[0] and position[1:] != (1, 0):
             resume = {"epoch": position[1], "step": position[2], "state": state,
-                      "rows": [h for h in history if h["stage"] == stage]}
+                      "rows": [h for h in run.history if h["stage"] == stage]}
         if stage > 1:
             if resume is None:  # a fresh start of the stage: its own seed, then any new adapter
                 set_seed(stage_seed(seed, stage))
@@ -271,50 +331,47 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
         data, length = stage_train_set(cfg, train_sets, stage, m.data)
         model, rows = train_stage(model, cfg, m, stage, train_loader(cfg, data, seed, length),
                                   loaders[stage - 1].eval, m.stage_ranks(cfg, stage),
-                                  reference=reference, amp_dtype=amp_dtype, progress=progress,
-                                  resume=resume, checkpoint=checkpoint, evaluate_last=False)
-        del evals[stage:], val_evals[stage:]
-        evaluate_all(model)
+                                  reference=reference, amp_dtype=run.amp_dtype, progress=progress,
+                                  resume=resume, checkpoint=run.checkpoint, evaluate_last=False)
+        del run.evals[stage:], run.val_evals[stage:]
+        run.evaluate_all(model)
         # the last epoch's evaluation is this row of R: the same model on the same loader
         if rows:
-            rows[-1].update(eval_loss=evals[-1][stage - 1]["loss"], eval_acc=evals[-1][stage - 1]["acc"])
-        history[:] = [h for h in history if h["stage"] < stage] + rows
-        save_adapter(model, adapter_dir(rd, stage, n_stages))
-        if m.allocation and is_main():  # the same adapter cut to its per-module ranks (rank_pattern)
-            write_dir_atomic(rd / adapter_dir(rd, stage, n_stages).name.replace("adapter_", "allocated_"),
-                             lambda tmp: save_allocated(model, tmp))
-        barrier()  # the next stage's references and the sweep load it from disk
+            rows[-1].update(eval_loss=run.evals[-1][stage - 1]["loss"], eval_acc=run.evals[-1][stage - 1]["acc"])
+        run.history[:] = [h for h in run.history if h["stage"] < stage] + rows
+        _save_stage(model, run, stage)
         if stage == 1:
-            write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": history, "evals": evals,
-                                                 "val_evals": val_evals}, indent=None)
+            write_json_atomic(rd / STAGE1_FILE, {"key": key, "history": run.history, "evals": run.evals,
+                                                 "val_evals": run.val_evals}, indent=None)
         if stage < n_stages:
-            checkpoint(model, (stage + 1, 1, 0), {}, [])
+            run.checkpoint(model, (stage + 1, 1, 0), {}, [])
             if stop_after_stage == stage:
                 barrier()
-                return result(False)
-    val = {x: matrix(val_evals, x) for x in ("loss", "acc")} if cfg.n_val else None
-    metrics = run_metrics(cfg.domains, matrix(evals, "loss"), matrix(evals, "acc"), val)
-    sequences = {"domains": list(cfg.domains), "R": [[e["seq"] for e in row] for row in evals]}
-    if val_evals and all("seq" in e for row in val_evals for e in row):  # (a copied old Stage 1 has none)
-        sequences["R_val"] = [[e["seq"] for e in row] for row in val_evals]
-    write_json_atomic(rd / SEQUENCES_FILE, sequences, indent=None)  # the sweep reads it
+                return None
+    return model
+
+
+def _save_stage(model, run: _Run, stage: int) -> None:
+    """The stage's adapter (and, for an allocating method, the same cut to its per-module ranks,
+    PEFT `rank_pattern`), on disk before the next stage's references and the sweep load it."""
+    n_stages = len(run.cfg.domains)
+    save_adapter(model, adapter_dir(run.rd, stage, n_stages))
+    if run.m.allocation and is_main():
+        write_dir_atomic(run.rd / adapter_dir(run.rd, stage, n_stages).name.replace("adapter_", "allocated_"),
+                         lambda tmp: save_allocated(model, tmp))
     barrier()
-    # (an allocated adapter has per-module ranks and unordered components: no uniform cut)
-    if cfg.sweep_ranks and cfg.sweep_kinds and n_stages == 2 and m.adapter == "continue" and not m.allocation:
-        kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
-        del model  # the sweep loads both adapters back from disk
-        swept = {"A": loaders[0].eval, "B": loaders[1].eval}
-        if "R_val" in sequences:  # the validation texts too: lambdas are chosen on them
-            swept.update({"A_val": loaders[0].val, "B_val": loaders[1].val})
-        sweep = sweep_run(rd, cfg, swept, cfg.sweep_ranks, kinds, device, amp_dtype, progress)
-        metrics.update(sweep_aucs(sweep, *sweep_reference(sweep), r_max=max(cfg.r, *cfg.sweep_ranks)))
-    # no timings in metrics.json: same seed, same file
-    write_history(rd, history)
-    write_json_atomic(rd / "metrics.json", metrics)  # written last: marks the run complete
-    if not cfg.keep_checkpoints:
-        clear_checkpoints(rd)
-    barrier()  # every process returns once the files are there
-    return result(True) | {"metrics": metrics}
+
+
+def _final_sweep(run: _Run, with_val: bool, device, progress) -> dict:
+    """Both saved adapters cut to each of `sweep_ranks` on both domains (and on their validation
+    texts `with_val`: lambdas are chosen on them), into sweep.json; returns the SWEEP_KEYS."""
+    cfg, m, loaders = run.cfg, run.m, run.loaders
+    kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
+    swept = {"A": loaders[0].eval, "B": loaders[1].eval}
+    if with_val:
+        swept.update({"A_val": loaders[0].val, "B_val": loaders[1].val})
+    sweep = sweep_run(run.rd, cfg, swept, cfg.sweep_ranks, kinds, device, run.amp_dtype, progress)
+    return sweep_aucs(sweep, *sweep_reference(sweep), r_max=max(cfg.r, *cfg.sweep_ranks))
 
 
 def _with_factors(model, source):

@@ -195,154 +195,206 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
     if (lam_dc or method.penalty_lambda(cfg, stage)) and reference is None:
         raise ValueError(f"method {method.name!r} regularizes stage {stage} against the previous "
                          "adapter, but no reference was given")
-    # (AdaLoRA's A and B alone are not its update: no cosine for it)
-    cos_ref = reference if reference is not None and method.adapter == "continue" \
-        and method.allocation != "adalora" else None
     device = model_device(model)
     rebuild_scaling = {"preserve": "preserve", "dylora": "peft"}[method.cut_scaling(cfg)]
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     proc, n_proc = world()
     progress = progress and proc == 0
-    start_epoch, start_step, rows, saved_sums = 1, 0, [], None
-    if resume is not None:
-        start_epoch, start_step, rows = resume["epoch"], resume["step"], list(resume["rows"])
-        state = resume["state"]
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        saved_sums = state.get("sums")
-        if saved_sums is not None and proc > 0:  # the saved CE sums are all processes' together
-            saved_sums = {**saved_sums, "ce": torch.zeros_like(saved_sums["ce"]),
-                          "tokens": torch.zeros_like(saved_sums["tokens"])}
-        # Restored last: nothing above draws random numbers on the uninterrupted path either.
-        set_rng_state(state["rng_per_process"][proc] if "rng_per_process" in state else state["rng"])
-
-    def save(model, position, sums=None) -> None:  # called on every process; process 0 writes
-        state = {"optimizer": optimizer.state_dict()}
-        if scaler.is_enabled():
-            state["scaler"] = scaler.state_dict()
-        if sums is not None:
-            sums = {**sums, "ce": all_reduce(sums["ce"]), "tokens": all_reduce(sums["tokens"])}
-            state["sums"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in sums.items()}
-        if n_proc > 1:  # each process's dropout stream, to resume each exactly
-            state["rng_per_process"] = gather_objects(rng_state())
-        if alloc is not None:  # masks, importance averages, schedule position
-            state["allocator"] = alloc.state_dict()
-        checkpoint(model, position, state, rows)
-
+    start_epoch, start_step, rows, saved_sums = _restore(resume, optimizer, scaler, proc)
     epochs = tqdm(ranks, desc=f"stage {stage} ({method.name})", unit="epoch", disable=not progress,
                   initial=start_epoch - 1)
     steps_per_epoch = math.ceil(train_loader.sampler.length / train_loader.batch_size)
     alloc_state = resume["state"].get("allocator") if resume is not None else None
     with allocating(model, cfg, method.allocation, stage, len(ranks) * steps_per_epoch, alloc_state) as alloc:
+        loop = _StageLoop(cfg, method, stage, reference, device, amp_dtype, scaler, alloc, lam_order, n_proc,
+                          progress)
+
+        def save(model, optimizer, position, sums=None) -> None:  # on every process; process 0 writes
+            checkpoint(model, position, _stage_state(optimizer, scaler, alloc, n_proc, sums), rows)
+
         for epoch, rank in enumerate(ranks, 1):
             if epoch < start_epoch:
                 continue
             if rank != current_rank(model):
                 model = rebuild_model_for_new_rank(model, rank, cfg, scaling=rebuild_scaling)
                 optimizer = make_optimizer(model, cfg)
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if cfg.gradient_checkpointing:
-                enable_gradient_checkpointing(model)
-            # Done once per (re)build, not per step: the live factor list and the frozen
-            # previous-stage vectors cut to the current rank (so elements line up: defect 4).
-            factors = [(a, b) for _, a, b, _ in lora_factors(model)]
-            scalings = [s for *_, s in lora_factors(model)]
-            w_prev = flatten_factors(cos_ref.factors, rank) if cos_ref is not None else None
-            terms = regularizer_terms(cfg, method, stage, factors, rank, reference, scalings)
-            if method.allocation == "adalora" and cfg.orth_reg_weight:  # what PEFT's forward adds
-                terms["penalty"] = lambda: cfg.orth_reg_weight * orthogonality_penalty(factors)
             skip = start_step if epoch == start_epoch else 0
-            sums = _zero_sums(device)
-            if skip and saved_sums is not None:
-                sums = {k: v.to(device) if torch.is_tensor(v) else v for k, v in saved_sums.items()}
-            train_loader.sampler.set_epoch(stage, epoch, skip * train_loader.batch_size)
-            n_batches, step = skip + len(train_loader), skip
-            guard = FiniteGuard(device, stage, epoch)
-            start = time.perf_counter() - sums["seconds"]
-            with nested_training(model, cfg, method.nested) as nest:
-                model.train()
-                batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
-                               disable=not progress, initial=skip, total=n_batches)
-                for batch in batches:
-                    if nest is not None:  # DyLoRA: this step trains rank b only; Matryoshka: all prefixes
-                        nest.begin(nest.next_rank())
-                    if alloc is not None:
-                        alloc.before_step()
-                    optimizer.zero_grad(set_to_none=True)
-                    ce_step, loss = _cross_entropy(model, batch, cfg, device, amp_dtype, scaler, sums)
-                    # The regularizers join the last micro-batch's loss: once per optimizer step,
-                    # with weight 1/world on each process (their gradients are summed).
-                    parts = {"ce": ce_step}
-                    if lam_order:
-                        parts["order"] = lam_order * ordering_penalty(factors)
-                        sums["order"] += parts["order"].detach()
-                    for name, term in terms.items():  # "dc", "penalty"
-                        parts[name] = term()
-                        sums[name] += parts[name].detach()
-                    for name in list(parts)[1:]:
-                        loss = parts[name] / n_proc if loss is None else loss + parts[name] / n_proc
-                    guard.record(step, sum(parts.values()), parts)
-                    if loss is not None:
-                        scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
-                    all_reduce_grads(params)
-                    if alloc is not None:  # importance from this step's gradients, unscaled
-                        if scaler.is_enabled():
-                            scaler.unscale_(optimizer)
-                        alloc.observe()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    if nest is not None:
-                        nest.end()
-                    if alloc is not None:
-                        alloc.after_step()
-                    sums["steps"] += 1
-                    step += 1
-                    if step % guard.every == 0:
-                        guard.check()
-                    if progress and step % 20 == 0:  # .item() syncs the device: only now and then
-                        batches.set_postfix(ce=f"{(sums['ce'] / sums['tokens']).item():.3f}")
-                    if checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
-                            and step < n_batches:
-                        sums["seconds"] = time.perf_counter() - start
-                        guard.check()  # never checkpoint past a non-finite step
-                        save(model, (stage, epoch, step), sums)
-                guard.check()
-                if nest is not None:
-                    nest.full()
-                train_seconds = time.perf_counter() - start  # the steps (and checkpoints), no evaluation
-                last = epoch == len(ranks) and not evaluate_last
-                ev = {"loss": None, "acc": None} if last else evaluate_loss_and_token_acc(model, eval_loader, amp_dtype)
-            cos = None
-            if w_prev is not None:
-                with torch.no_grad():
-                    cos = torch.nn.functional.cosine_similarity(
-                        w_prev, flatten_factors(factors), dim=0).item()
-            steps = max(sums["steps"], 1)
-            sums["ce"], sums["tokens"] = all_reduce(sums["ce"]), all_reduce(sums["tokens"])  # all processes' rows
-            dc_end, dc_grad = _probe(terms["dc"], factors) if "dc" in terms else (None, None)
-            pen_end, pen_grad = _probe(terms["penalty"], factors) if "penalty" in terms else (None, None)
-            rows.append({
-                "stage": stage, "epoch": epoch, "rank": rank,
-                "train_ce": (sums["ce"] / sums["tokens"].clamp(min=1)).item(),
-                "train_order": sums["order"].item() / steps, "train_dc": sums["dc"].item() / steps,
-                "train_penalty": sums["penalty"].item() / steps,
-                "eval_loss": ev["loss"], "eval_acc": ev["acc"], "cos_to_stage1": cos,
-                "dc_end": dc_end, "dc_grad_norm": dc_grad,
-                "penalty_end": pen_end, "penalty_grad_norm": pen_grad,
-                "trainable_params": count_trainable_params(model),
-                "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
-            })
+            last = epoch == len(ranks) and not evaluate_last
+            row = loop.epoch(model, optimizer, epoch, rank, train_loader, eval_loader, skip,
+                             saved_sums if skip else None, save if checkpoint else None, skip_eval=last)
+            rows.append(row)
             if alloc is not None:  # kept apart from history.json in allocation.json (runs.py)
                 rows[-1]["allocation"] = alloc.log()
                 if epoch == len(ranks):  # before the checkpoint: evaluation and saving need no hooks
                     alloc.finalize()
             epochs.update()
-            if ev["loss"] is not None:
-                epochs.set_postfix(eval_loss=f"{ev['loss']:.3f}", eval_acc=f"{ev['acc']:.3f}")
+            if row["eval_loss"] is not None:
+                epochs.set_postfix(eval_loss=f"{row['eval_loss']:.3f}", eval_acc=f"{row['eval_acc']:.3f}")
             if checkpoint:
-                save(model, (stage, epoch + 1, 0))
+                save(model, optimizer, (stage, epoch + 1, 0))
     epochs.close()
     return model, rows
+
+
+def _restore(resume: dict | None, optimizer, scaler, proc: int):
+    """(start epoch, start step, history rows, saved running sums) of a stage: from its start, or
+    from `resume` (optimizer and scaler states loaded into them; the RNG state restored last,
+    so nothing before it draws random numbers that the uninterrupted path would not)."""
+    if resume is None:
+        return 1, 0, [], None
+    state = resume["state"]
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    saved_sums = state.get("sums")
+    if saved_sums is not None and proc > 0:  # the saved CE sums are all processes' together
+        saved_sums = {**saved_sums, "ce": torch.zeros_like(saved_sums["ce"]),
+                      "tokens": torch.zeros_like(saved_sums["tokens"])}
+    set_rng_state(state["rng_per_process"][proc] if "rng_per_process" in state else state["rng"])
+    return resume["epoch"], resume["step"], list(resume["rows"]), saved_sums
+
+
+def _stage_state(optimizer, scaler, alloc, n_proc: int, sums: dict | None = None) -> dict:
+    """The `state` of a checkpoint (every process calls it; process 0 writes): optimizer and
+    scaler states, the epoch's running sums (CE summed over processes), each process's RNG
+    state when there are several, and the allocator's masks, averages and schedule position."""
+    state = {"optimizer": optimizer.state_dict()}
+    if scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    if sums is not None:
+        sums = {**sums, "ce": all_reduce(sums["ce"]), "tokens": all_reduce(sums["tokens"])}
+        state["sums"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in sums.items()}
+    if n_proc > 1:  # each process's dropout stream, to resume each exactly
+        state["rng_per_process"] = gather_objects(rng_state())
+    if alloc is not None:  # masks, importance averages, schedule position
+        state["allocator"] = alloc.state_dict()
+    return state
+
+
+class _StageLoop:
+    """What every epoch of one stage shares (config, method, device, scaler, allocator, the
+    lambdas); `epoch` trains one epoch and returns its history row."""
+
+    def __init__(self, cfg, method, stage, reference, device, amp_dtype, scaler, alloc, lam_order, n_proc,
+                 progress):
+        self.cfg, self.method, self.stage, self.reference = cfg, method, stage, reference
+        self.device, self.amp_dtype, self.scaler, self.alloc = device, amp_dtype, scaler, alloc
+        self.lam_order, self.n_proc, self.progress = lam_order, n_proc, progress
+        # (AdaLoRA's A and B alone are not its update: no cosine for it)
+        self.cos_ref = reference if reference is not None and method.adapter == "continue" \
+            and method.allocation != "adalora" else None
+
+    def setup(self, model, optimizer, rank: int):
+        """Done once per (re)build, not per step: (parameters, live factors, the previous-stage
+        vector cut to `rank` for the cosine (so elements line up: defect 4), regularizer terms)."""
+        cfg, method = self.cfg, self.method
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        factors = [(a, b) for _, a, b, _ in lora_factors(model)]
+        scalings = [s for *_, s in lora_factors(model)]
+        w_prev = flatten_factors(self.cos_ref.factors, rank) if self.cos_ref is not None else None
+        terms = regularizer_terms(cfg, method, self.stage, factors, rank, self.reference, scalings)
+        if method.allocation == "adalora" and cfg.orth_reg_weight:  # what PEFT's forward adds
+            terms["penalty"] = lambda: cfg.orth_reg_weight * orthogonality_penalty(factors)
+        return params, factors, w_prev, terms
+
+    def epoch(self, model, optimizer, epoch: int, rank: int, train_loader, eval_loader, skip: int,
+              saved_sums, save, skip_eval: bool) -> dict:
+        """Train epoch `epoch` at `rank` from step `skip` (with the interrupted epoch's
+        `saved_sums`), calling `save(model, optimizer, position, sums)` every checkpoint_every
+        steps; evaluate on `eval_loader` unless `skip_eval`. Returns the history row."""
+        cfg, stage, device = self.cfg, self.stage, self.device
+        params, factors, w_prev, terms = self.setup(model, optimizer, rank)
+        sums = _zero_sums(device)
+        if saved_sums is not None:
+            sums = {k: v.to(device) if torch.is_tensor(v) else v for k, v in saved_sums.items()}
+        train_loader.sampler.set_epoch(stage, epoch, skip * train_loader.batch_size)
+        n_batches, step = skip + len(train_loader), skip
+        guard = FiniteGuard(device, stage, epoch)
+        start = time.perf_counter() - sums["seconds"]
+        with nested_training(model, cfg, self.method.nested) as nest:
+            model.train()
+            batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
+                           disable=not self.progress, initial=skip, total=n_batches)
+            for batch in batches:
+                self.step(model, optimizer, params, factors, terms, nest, batch, sums, guard, step)
+                step += 1
+                if step % guard.every == 0:
+                    guard.check()
+                if self.progress and step % 20 == 0:  # .item() syncs the device: only now and then
+                    batches.set_postfix(ce=f"{(sums['ce'] / sums['tokens']).item():.3f}")
+                if save and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < n_batches:
+                    sums["seconds"] = time.perf_counter() - start
+                    guard.check()  # never checkpoint past a non-finite step
+                    save(model, optimizer, (stage, epoch, step), sums)
+            guard.check()
+            if nest is not None:
+                nest.full()
+            train_seconds = time.perf_counter() - start  # the steps (and checkpoints), no evaluation
+            ev = {"loss": None, "acc": None} if skip_eval else evaluate_loss_and_token_acc(model, eval_loader,
+                                                                                           self.amp_dtype)
+        return self.history_row(model, epoch, rank, factors, w_prev, terms, sums, ev, start, train_seconds)
+
+    def step(self, model, optimizer, params, factors, terms, nest, batch, sums, guard, step: int) -> None:
+        """One optimizer step: CE over the batch's micro-batches, then the regularizers (once per
+        step, weight 1/world on each process), backward, gradients summed over processes, the
+        allocator's observation between `scaler.unscale_` and `scaler.step`."""
+        alloc, scaler = self.alloc, self.scaler
+        if nest is not None:  # DyLoRA: this step trains rank b only; Matryoshka: all prefixes
+            nest.begin(nest.next_rank())
+        if alloc is not None:
+            alloc.before_step()
+        optimizer.zero_grad(set_to_none=True)
+        ce_step, loss = _cross_entropy(model, batch, self.cfg, self.device, self.amp_dtype, scaler, sums)
+        # The regularizers join the last micro-batch's loss: once per optimizer step,
+        # with weight 1/world on each process (their gradients are summed).
+        parts = {"ce": ce_step}
+        if self.lam_order:
+            parts["order"] = self.lam_order * ordering_penalty(factors)
+            sums["order"] += parts["order"].detach()
+        for name, term in terms.items():  # "dc", "penalty"
+            parts[name] = term()
+            sums[name] += parts[name].detach()
+        for name in list(parts)[1:]:
+            loss = parts[name] / self.n_proc if loss is None else loss + parts[name] / self.n_proc
+        guard.record(step, sum(parts.values()), parts)
+        if loss is not None:
+            scaler.scale(loss).backward()  # plain backward/step when the scaler is disabled
+        all_reduce_grads(params)
+        if alloc is not None:  # importance from this step's gradients, unscaled
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            alloc.observe()
+        scaler.step(optimizer)
+        scaler.update()
+        if nest is not None:
+            nest.end()
+        if alloc is not None:
+            alloc.after_step()
+        sums["steps"] += 1
+
+    def history_row(self, model, epoch, rank, factors, w_prev, terms, sums, ev, start, train_seconds) -> dict:
+        """The epoch's row of history.json (HISTORY_KEYS): mean train terms, evaluation, cosine to
+        the previous stage's adapter, the regularizers' end values and gradient norms, times."""
+        cos = None
+        if w_prev is not None:
+            with torch.no_grad():
+                cos = torch.nn.functional.cosine_similarity(w_prev, flatten_factors(factors), dim=0).item()
+        steps = max(sums["steps"], 1)
+        sums["ce"], sums["tokens"] = all_reduce(sums["ce"]), all_reduce(sums["tokens"])  # all processes' rows
+        dc_end, dc_grad = _probe(terms["dc"], factors) if "dc" in terms else (None, None)
+        pen_end, pen_grad = _probe(terms["penalty"], factors) if "penalty" in terms else (None, None)
+        return {
+            "stage": self.stage, "epoch": epoch, "rank": rank,
+            "train_ce": (sums["ce"] / sums["tokens"].clamp(min=1)).item(),
+            "train_order": sums["order"].item() / steps, "train_dc": sums["dc"].item() / steps,
+            "train_penalty": sums["penalty"].item() / steps,
+            "eval_loss": ev["loss"], "eval_acc": ev["acc"], "cos_to_stage1": cos,
+            "dc_end": dc_end, "dc_grad_norm": dc_grad,
+            "penalty_end": pen_end, "penalty_grad_norm": pen_grad,
+            "trainable_params": count_trainable_params(model),
+            "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
+        }

@@ -10,7 +10,7 @@ from peft import PeftModel
 from hybrid_lora import build_model, run_experiment
 from hybrid_lora.adapters import build_base_model, load_tokenizer, lora_factors
 from hybrid_lora.allocation import Allocator, budget_at, mask_to_budget, moment_variance, target_rank
-from hybrid_lora.importance import Importance
+from hybrid_lora.allocation.importance import Importance
 from hybrid_lora.results import read_json, run_dir
 
 from conftest import randomize_lora, tiny_config

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from hybrid_lora.allocation_results import allocation_table, rank_maps
+from hybrid_lora.analysis.allocation_results import allocation_table, rank_maps
 from hybrid_lora.config import ExperimentConfig
 from hybrid_lora.results import write_json_atomic
 
@@ -65,7 +65,7 @@ def test_differences_from_the_uniform_baseline_with_seed_intervals(study):
 
 
 def test_allocation_markdown_shows_the_time_ratio(study):
-    from hybrid_lora.allocation_results import allocation_markdown
+    from hybrid_lora.analysis.allocation_results import allocation_markdown
 
     half = T_975_DF1 * (0.2 / 2 ** 0.5) / 2 ** 0.5
     lines = {line.split(" | ")[0]: line for line in allocation_markdown(allocation_table(study)).splitlines()}
@@ -109,7 +109,7 @@ def _per_input_runs(tmp_path):
 
 def test_per_input_table_pairs_the_policies_by_seed(tmp_path):
     _per_input_runs(tmp_path)
-    from hybrid_lora.allocation_results import per_input_table
+    from hybrid_lora.analysis.allocation_results import per_input_table
 
     row = per_input_table(tmp_path, "matryoshka").iloc[0]
     assert row["n_seeds"] == 2 and row["feature_loss"] == pytest.approx(4.1)
@@ -139,7 +139,7 @@ def test_per_input_figure_shows_the_paired_differences(tmp_path, tmp_path_factor
     means -0.05 and -0.075, with the t-interval as error bars."""
     import numpy as np
 
-    from hybrid_lora.allocation_results import per_input_table
+    from hybrid_lora.analysis.allocation_results import per_input_table
     from hybrid_lora.plots import plot_all, plot_per_input
 
     _per_input_runs(tmp_path)

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from hybrid_lora.adapters import flatten_factors
-from hybrid_lora.cl_losses import (dc_delta_w, dc_per_module, delta_w_l2, ewc_penalty, module_vectors,
+from hybrid_lora.losses import (dc_delta_w, dc_per_module, delta_w_l2, ewc_penalty, module_vectors,
                                    olora_penalty)
 from hybrid_lora.losses import domain_correlation_loss
-from hybrid_lora.results import cl_metrics, paired_bootstrap_ci
+from hybrid_lora.analysis.stats import paired_bootstrap_ci
+from hybrid_lora.results import cl_metrics
 
 
 def factor_pairs(seed, ranks=(3, 2), d_in=7, d_out=5):

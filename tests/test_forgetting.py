@@ -11,7 +11,9 @@ import torch
 import hybrid_lora.train as train_mod
 from hybrid_lora import ExperimentConfig
 from hybrid_lora.adapters import build_base_model, load_adapter, load_tokenizer, lora_factors
-from hybrid_lora.cl_results import (bootstrap_counts, cl_table, paired_bootstrap_stat, sweep_name)
+from hybrid_lora.analysis.cl_results import cl_table
+from hybrid_lora.analysis.stats import bootstrap_counts, paired_bootstrap_stat
+from hybrid_lora.grid import sweep_name
 from hybrid_lora.config import CL_METHODS, SEQUENCES, from_preset
 from hybrid_lora.continual import fisher_diagonal
 from hybrid_lora.data import hub_source, load_texts, make_loaders, stage_train_set

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 
 import hybrid_lora.runs as train_mod
 from hybrid_lora.adapters import build_model, load_adapter
-from hybrid_lora.cl_results import (CL_MARKDOWN, MATCHED_MARKDOWN, cl_table, lambda_grid,
-                                    markdown_table, matched_gain_table)
+from hybrid_lora.analysis.cl_results import CL_MARKDOWN, MATCHED_MARKDOWN, cl_table, matched_gain_table
+from hybrid_lora.analysis.markdown import markdown_table
+from hybrid_lora.grid import lambda_grid
 from hybrid_lora.data import make_loaders
 from hybrid_lora.evaluate import evaluate_loss_and_token_acc
 from hybrid_lora.results import (SCHEMA_VERSION, load_summary, read_json, run_dir, run_metrics,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from hybrid_lora.rank_flex import aurac, rank_flex_benchmark
+from hybrid_lora.analysis.rank_flex import aurac, rank_flex_benchmark
 from hybrid_lora.results import write_json_atomic
 
 from conftest import write_fake_run

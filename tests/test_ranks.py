@@ -11,7 +11,7 @@ from hybrid_lora.evaluate import evaluate_loss_and_token_acc
 from hybrid_lora.nested import nested_training, rank_distribution
 from hybrid_lora.ranks import lora_svd, rank_sweep, svd_truncate_factors
 from hybrid_lora.results import read_json, run_dir
-from hybrid_lora.sweep_results import gain_share, rank_auc, sweep_aucs
+from hybrid_lora.analysis.sweep_results import gain_share, rank_auc, sweep_aucs
 from hybrid_lora.runs import run_experiment
 from hybrid_lora.train import make_optimizer
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from hybrid_lora.stats import paired_t_interval, t_cdf, t_quantile
+from hybrid_lora.analysis.stats import paired_t_interval, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize("df, q975, q995", [(1, 12.7062, 63.6567), (2, 4.3027, 9.9248), (4, 2.7764, 4.6041),

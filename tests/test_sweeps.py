@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 from hybrid_lora.cli import main  # noqa: E402
 from hybrid_lora.plots import plot_all, plot_rank_sweep  # noqa: E402
 from hybrid_lora.results import read_json, run_dir, write_json_atomic  # noqa: E402
-from hybrid_lora.sweep_results import load_sweeps, rank_flex_table, rank_table  # noqa: E402
+from hybrid_lora.analysis.sweep_results import load_sweeps, rank_flex_table, rank_table  # noqa: E402
 from hybrid_lora.runs import run_experiment  # noqa: E402
 
 from conftest import tiny_config, write_fake_run  # noqa: E402

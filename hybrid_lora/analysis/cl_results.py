@@ -1,10 +1,10 @@
 """Continual-learning tables from result files: seed-level paired t-intervals (primary),
 paired bootstrap intervals over evaluation sequences, forgetting at matched gain with lambdas
-chosen on validation texts, markdown for the README, lambda-sweep names. No torch here.
+chosen on validation texts (markdown: `analysis.markdown`). No torch here.
 
     table = cl_table(out)            # one row per run name: mean, s.d. and CIs vs sequential LoRA
     matched = matched_gain_table(out)  # each regularizer's forgetting at a fixed gain on the new domain
-    print(markdown_table(table, CL_MARKDOWN))
+    print(markdown_table(table, CL_MARKDOWN))  # analysis.markdown
     plot_pareto(table)               # hybrid_lora.plots: forgetting vs gain, one point per row
 """
 from __future__ import annotations
@@ -14,50 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .results import SEQUENCES_FILE, load_summary, read_json, run_dir
-from .stats import paired_t_interval
+from ..results import SEQUENCES_FILE, load_summary, read_json, run_dir
+from .stats import paired_bootstrap_stat, paired_t_interval
 
 BASELINE = "lora"    # sequential LoRA: every interval is a difference against it
 REFERENCE = "single"  # each domain trained alone: the denominator of plasticity
 TABLE_KEYS = ("avg_final_acc", "bwt", "forgetting_first", "delta_loss_first", "delta_ppl_first",
               "gain_retained_first", "new_gain", "new_acc", "plasticity_new", "final_loss_first",
               "new_loss")
-
-
-def lambda_grid(lo: float, hi: float, per_decade: int = 3) -> tuple[float, ...]:
-    """Log-spaced lambdas from lo to hi, `per_decade` per factor of 10, at 3 significant digits
-    (so run names stay short): lambda_grid(0.1, 10) = (0.1, 0.215, 0.464, 1, 2.15, 4.64, 10).
-    A `lo` that is a rounded grid point (2.15 for 10^(1/3)) counts as that point, so
-    lambda_grid(2.15, 21.5) = (2.15, 4.64, 10, 21.5), not (2.15, 4.63, 9.98, 21.5)."""
-    if not 0 < lo <= hi:
-        raise ValueError(f"lambda grid {lo}:{hi}: need 0 < lo <= hi")
-    step = round(math.log10(lo) * per_decade)
-    if float(f"{10 ** (step / per_decade):.3g}") == float(f"{lo:.3g}"):
-        lo = 10 ** (step / per_decade)
-    n = round(math.log10(hi / lo) * per_decade)
-    return tuple(float(f"{lo * 10 ** (k / per_decade):.3g}") for k in range(n + 1))
-
-
-def sweep_name(method: str, lam: float) -> str:
-    """The run folder name of `method` at lambda `lam` in a lambda sweep, e.g. "dc_lam0.1"."""
-    return f"{method}_lam{lam:g}"
-
-
-def bootstrap_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """[n_boot, n] resampling counts: row b says how often each of n sequences is drawn in
-    bootstrap sample b (n draws with replacement)."""
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    return np.stack([np.bincount(row, minlength=n) for row in idx])
-
-
-def paired_bootstrap_stat(stat, n: int, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple:
-    """(stat on all sequences, lower, upper): percentile bootstrap interval of `stat`, a function
-    of sequence weights w [..., n] (all ones = the observed data) returning [...]. Paired: every
-    quantity inside `stat` is computed on the same resampled sequences."""
-    w = bootstrap_counts(n, n_boot, seed).astype(float)
-    boots = stat(w)
-    tail = (1 - level) / 2
-    return float(stat(np.ones((1, n)))[0]), float(np.quantile(boots, tail)), float(np.quantile(boots, 1 - tail))
 
 
 def _token_loss(entry: dict, w: np.ndarray) -> np.ndarray:
@@ -202,13 +166,6 @@ def matched_gain_table(out: str | Path, fraction: float = 0.9, baseline: str = B
     return pd.DataFrame(rows)
 
 
-def _fmt(x, spec: str) -> str:
-    """`x` formatted by `spec` ("d": as an integer); "" for NaN."""
-    if isinstance(x, float) and math.isnan(x):
-        return ""
-    return str(int(x)) if spec == "d" else format(x, spec)
-
-
 # (header, column or (mean, lo, hi) columns, format) of the README's continual-learning table
 CL_MARKDOWN = (
     ("run", "run", "s"), ("λ", "lambda", "g"), ("n", "n_seeds", "d"),
@@ -230,37 +187,7 @@ def matched_markdown(baseline: str = BASELINE) -> tuple:
     )
 
 
-MATCHED_MARKDOWN = matched_markdown()
-
-
-def markdown_table(table, spec=CL_MARKDOWN) -> str:
-    """A markdown table of `table` (a DataFrame; its index is available as column "run"):
-    one column per (header, source, format) of `spec`; a (mean, sd) source prints "m ± sd",
-    a (mean, lo, hi) source "m [lo, hi]". The README's tables are this output, pasted."""
-    df = table.reset_index() if table.index.name else table
-    lines = ["| " + " | ".join(h for h, _, _ in spec) + " |", "|" + "---|" * len(spec)]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_cell(r, src, f) for _, src, f in spec) + " |")
-    return "\n".join(lines)
-
-
-def _cell(r, src, f: str) -> str:
-    """One markdown cell: a column; "m ± sd" (sd NaN: "m"); "m [lo, hi]" (no interval: said so;
-    m NaN, the baseline itself: "—")."""
-    if isinstance(src, str):
-        return _fmt(r[src], f)
-    m = r[src[0]]
-    if len(src) == 2:
-        sd = r[src[1]]
-        if math.isnan(m) or math.isnan(sd):
-            return _fmt(m, f)
-        return f"{_fmt(m, f)} ± {_fmt(sd, f.lstrip('+'))}"
-    lo, hi = r[src[1]], r[src[2]]
-    if math.isnan(m):
-        return "—"
-    if math.isnan(lo):
-        return f"{_fmt(m, f)} [one seed: no interval]"
-    return f"{_fmt(m, f)} [{_fmt(lo, f)}, {_fmt(hi, f)}]"
+MATCHED_MARKDOWN = matched_markdown()  # kept: the spec against sequential LoRA, as README tables print it
 
 
 def _plasticity(out, run: str, seed: int, ref) -> float:

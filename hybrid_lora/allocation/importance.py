@@ -10,7 +10,7 @@ input in the forward pass) and smoothed over steps by an exponential moving aver
 - "fisher": the empirical Fisher of the batch gradient: the mean squared gradient over the
   component's A row plus that over its B column, smoothed with b1.
 - "activation": the variance of the module's input (mean over features of the variance over the
-  step's positions, padding included; `allocation.moment_variance`), smoothed with b1, times the
+  step's positions, padding included; `schedule.moment_variance`), smoothed with b1, times the
   component's output energy for inputs of that variance: v s^2 ||A_i||^2 ||B_:,i||^2 (s the
   module's LoRA scaling).
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-IMPORTANCES = ("sensitivity", "fisher", "activation")
+from ..config import IMPORTANCES  # noqa: F401 - defined once, beside the config field it validates
 
 
 def sensitivity_scores(ipt_a, unc_a, ipt_b, unc_b) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """PEFT's AdaLoRA as the baseline of budgeted allocation (method `adalora`), driven through the
-same stage interface as `allocation.Allocator`.
+same stage interface as `allocation.allocator.Allocator`.
 
 PEFT's `update_and_allocate(global_step)` is called after every optimizer step, while the
 gradients are still there, as PEFT requires; the orthogonality penalty its `forward` adds to a
@@ -13,9 +13,9 @@ so `state_dict` puts them into our checkpoints.
 """
 from __future__ import annotations
 
-from .adapters import ADAPTER, lora_layers
-from .allocation import module_name, schedule_steps
-from .config import ExperimentConfig
+from ..adapters import ADAPTER, lora_layers
+from ..config import ExperimentConfig
+from .schedule import module_name, schedule_steps
 
 _AVERAGES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 

@@ -25,7 +25,7 @@ import math
 import re
 from pathlib import Path
 
-from .results import finished_runs, read_json
+from ..results import read_json, train_seconds
 from .stats import paired_t_interval
 from .sweep_results import load_sweeps
 
@@ -45,19 +45,6 @@ def aurac(kept: dict[int, float]) -> float:
     xs = [math.log2(k) for k in ranks]
     area = sum((xs[i + 1] - xs[i]) * (kept[ranks[i]] + kept[ranks[i + 1]]) / 2 for i in range(len(xs) - 1))
     return area / (xs[-1] - xs[0])
-
-
-def train_seconds(out: str | Path) -> dict[tuple[str, int], float]:
-    """{(run name, seed): its fastest epoch's `train_seconds`} for finished runs that have them.
-    The fastest, not the sum: other work on the machine only ever slows an epoch down, and every
-    epoch of these runs does the same work (same number of fixed-length batches)."""
-    seconds = {}
-    for run in finished_runs(out):
-        history = read_json(run / "history.json")
-        if history and all("train_seconds" in row for row in history):
-            seed = read_json(run / "config.json")["seed"]
-            seconds[run.parent.name, seed] = min(row["train_seconds"] for row in history)
-    return seconds
 
 
 def per_seed_shares(sweeps, adapter: str, domain: str, reference: str = "lora", key: str = "loss"):
@@ -177,7 +164,7 @@ def rank_flex_benchmark(out: str | Path, adapter: str = "stage1", domain: str = 
 
 
 def rank_flex_markdown_spec(table) -> tuple:
-    """The `cl_results.markdown_table` spec of a `rank_flex_benchmark` table."""
+    """The `markdown.markdown_table` spec of a `rank_flex_benchmark` table."""
     ranks = [c[len("kept_"):] for c in table.columns if c.startswith("kept_") and c.count("_") == 1]
     return (("run", "run", "s"), ("cut", "kind", "s"), ("n", "n_seeds", "d"),
             *((f"kept at {k}", (f"kept_{k}", f"kept_{k}_lo", f"kept_{k}_hi"), ".2f") for k in ranks),

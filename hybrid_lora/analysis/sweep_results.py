@@ -4,14 +4,14 @@ common log2-rank axis, and the sweep tables read from `sweep.json` files. No tor
     aucs = sweep_aucs(rows, base, full, r_max)   # the four rank_auc_* keys of metrics.json
     sweeps = load_sweeps(out)                     # every run's sweep rows with gain_kept
     rank_table(sweeps, 16)                        # mean and s.d. over seeds at one rank
-    rank_flex_table(sweeps, "stage1", "A")        # share kept per rank and AUC, seed-level CIs
+    rank_sweep_table(sweeps, "stage1", "A")       # share kept per rank and AUC, seed-level CIs
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from .results import SWEEP_COLUMNS, finished_runs, read_json
+from ..results import SWEEP_COLUMNS, finished_runs, read_json
 from .stats import paired_t_interval
 
 
@@ -124,7 +124,7 @@ def rank_table(sweeps, rank: int, adapter: str = "final", domain: str = "B"):
     return table
 
 
-def rank_flex_table(sweeps, adapter: str = "stage1", domain: str = "A", reference: str | None = None,
+def rank_sweep_table(sweeps, adapter: str = "stage1", domain: str = "A", reference: str | None = None,
                     level: float = 0.95):
     """One row per (run, kind, scaling) of one adapter on one domain: the uncut loss (mean,
     s.d. over seeds), the share of the gain over the base model kept in loss at every swept
@@ -178,11 +178,14 @@ def rank_flex_table(sweeps, adapter: str = "stage1", domain: str = "A", referenc
     return pd.DataFrame(rows)
 
 
-def rank_flex_markdown_spec(table) -> tuple:
-    """The `cl_results.markdown_table` spec of a `rank_flex_table`: one column per swept rank."""
+def rank_sweep_markdown_spec(table) -> tuple:
+    """The `markdown.markdown_table` spec of a `rank_sweep_table`: one column per swept rank."""
     ranks = [c[len("kept_"):] for c in table.columns if c.startswith("kept_") and c.count("_") == 1]
     return (("run", "run", "s"), ("cut", "kind", "s"), ("scaling", "scaling", "s"), ("n", "n_seeds", "d"),
             ("r", "adapter_rank", "d"), ("uncut loss", ("full_loss", "full_loss_sd"), ".4f"),
             *((("uncut kept", ("uncut", "uncut_lo", "uncut_hi"), ".2f"),) if "uncut" in table.columns else ()),
             *((f"kept at {k}", (f"kept_{k}", f"kept_{k}_lo", f"kept_{k}_hi"), ".2f") for k in ranks),
             ("loss AUC", ("auc", "auc_lo", "auc_hi"), ".3f"))
+
+
+rank_flex_table = rank_sweep_table  # its old name, still exported by hybrid_lora

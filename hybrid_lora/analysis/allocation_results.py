@@ -17,8 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .results import ALLOCATION_FILE, finished_runs, read_json
-from .rank_flex import train_seconds
+from ..results import ALLOCATION_FILE, PER_INPUT_FILE, finished_runs, read_json, train_seconds
 from .stats import paired_t_interval
 
 POINTS = (("stage1_first", "A_after_stage1"), ("final_last", "B_after_stage2"), ("final_first", "A_after_stage2"))
@@ -127,8 +126,6 @@ def per_input_table(out: str | Path, run: str, level: float = 0.95):
     feature - fixed and feature - random (same seed) with t-intervals over seeds."""
     import pandas as pd
 
-    from .per_input import PER_INPUT_FILE
-
     per_seed = {}
     for path in finished_runs(out):
         if path.parent.name == run and (path / PER_INPUT_FILE).exists():
@@ -153,7 +150,7 @@ def per_input_table(out: str | Path, run: str, level: float = 0.95):
     return pd.DataFrame(rows).sort_values(["domain", "target_avg"]).reset_index(drop=True)
 
 
-# (header, column or (mean, lo, hi) columns, format): `cl_results.markdown_table` of a per_input_table
+# (header, column or (mean, lo, hi) columns, format): `markdown.markdown_table` of a per_input_table
 PER_INPUT_MARKDOWN = (
     ("domain", "domain", "s"), ("target avg rank", "target_avg", "d"), ("n", "n_seeds", "d"),
     ("avg rank given (feature)", "feature_avg_rank", ".2f"), ("loss, fixed", "fixed_loss", ".4f"),

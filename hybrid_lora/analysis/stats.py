@@ -1,9 +1,9 @@
-"""Seed-level statistics: Student-t quantiles and the paired t-interval over seeds. No torch,
-no scipy (numpy only).
+"""Statistics: Student-t quantiles and the paired t-interval over seeds (primary), and paired
+bootstrap intervals over evaluation sequences. No torch, no scipy (numpy only).
 
 Each seed is one whole experiment (its own training subset, dropout masks, batch order and
 initialisation), so the spread of per-seed paired differences holds every source of training
-noise; an interval over evaluation sequences (the bootstrap in `cl_results`) holds none of it.
+noise; an interval over evaluation sequences (the bootstrap below) holds none of it.
 """
 from __future__ import annotations
 
@@ -56,3 +56,33 @@ def paired_t_interval(diffs, level: float = 0.95) -> tuple[float, float, float]:
         return mean, math.nan, math.nan
     half = t_quantile(1 - (1 - level) / 2, len(d) - 1) * float(d.std(ddof=1)) / math.sqrt(len(d))
     return mean, mean - half, mean + half
+
+
+def bootstrap_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n] resampling counts: row b says how often each of n sequences is drawn in
+    bootstrap sample b (n draws with replacement)."""
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    return np.stack([np.bincount(row, minlength=n) for row in idx])
+
+
+def paired_bootstrap_stat(stat, n: int, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple:
+    """(stat on all sequences, lower, upper): percentile bootstrap interval of `stat`, a function
+    of sequence weights w [..., n] (all ones = the observed data) returning [...]. Paired: every
+    quantity inside `stat` is computed on the same resampled sequences."""
+    w = bootstrap_counts(n, n_boot, seed).astype(float)
+    boots = stat(w)
+    tail = (1 - level) / 2
+    return float(stat(np.ones((1, n)))[0]), float(np.quantile(boots, tail)), float(np.quantile(boots, 1 - tail))
+
+
+# kept beside paired_bootstrap_stat: the mean paired difference over sequences, for numbers a user holds
+def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: int = 0) -> tuple:
+    """(mean of a - b, lower, upper): percentile bootstrap CI of the mean paired difference,
+    resampling the evaluation sequences (a[j] and b[j] measured on the same sequence j)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.ndim != 1 or len(d) < 2:
+        raise ValueError(f"need two equal-length 1-D sequences of >= 2 values; got shape {d.shape}")
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    means = d[idx].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
