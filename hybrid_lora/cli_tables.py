@@ -16,7 +16,7 @@ def write_table(results: Path, name: str, table, index: bool = False, hint: str 
     seeds = table["n_seeds"] if "n_seeds" in table.columns else None
     if table.empty or (seeds is not None and not (seeds > 0).any()) or numbers.isna().all().all():
         kept = f"; the {name} already there is left as it was" if (results / name).exists() else ""
-        raise ValueError(f"{name} not written: the table has no numbers ({len(table)} rows"
+        raise ValueError(f"{name} not written: the table has no numbers ({len(table)} row{'' if len(table) == 1 else 's'}"
                          f"{', no seed in any' if seeds is not None and len(table) else ''}){hint}{kept}")
     return write_text_atomic(results / name, lambda f: table.to_csv(f, index=index))
 
