@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from .config import METHOD_NAMES, PRESETS, SEED_LIMIT, SEQUENCES, SWEEP_KINDS, ExperimentConfig, from_preset
+from .config import (METHOD_NAMES, PRESETS, SEED_LIMIT, SEQUENCES, SWEEP_KINDS, ExperimentConfig, file_changes,
+                     from_preset)
 from .cli_tables import table_command
 from .results import format_table
 
@@ -50,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "lora=1,2,4,8,16,32: the per-rank references of the rank-flexibility benchmark")
     run.add_argument("--data-dir", help="read <DIR>/<domain>.jsonl instead of the hub / built-in corpus")
     run.add_argument("--model", help="base model: hub name or local folder")
+    run.add_argument("--config", metavar="FILE",
+                     help="a YAML or JSON file of ExperimentConfig fields on top of the preset (a run's "
+                          "config.json reruns that run); --data-dir, --model, --methods, --seeds and --set "
+                          "apply on top of it")
     run.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                      help="override any ExperimentConfig field, e.g. --set lambda_dc=0.5 rank_schedule=8,4,2")
     run.add_argument("--suffix", default="", help="run folders <method><SUFFIX>, e.g. --suffix _delta_w "
@@ -140,9 +146,16 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """The preset, then --data-dir / --model / --methods / --seeds, then --set overrides."""
-    cfg = from_preset(args.preset, data_dir=args.data_dir, sequence=args.sequence,
-                      model_name=args.model, methods=args.methods, seeds=args.seeds)
+    """The preset, then the --config file, then --data-dir / --model / --methods / --seeds,
+    then --set overrides."""
+    flags = {"model_name": args.model, "methods": args.methods, "seeds": args.seeds}
+    if getattr(args, "config", None):  # the file's None values count (from_preset drops them)
+        changes = {**file_changes(args.config), **{k: v for k, v in flags.items() if v is not None}}
+        if args.data_dir is not None:
+            changes.update(data_source="local", data_dir=str(args.data_dir))
+        cfg = dataclasses.replace(from_preset(args.preset, sequence=args.sequence), **changes)
+    else:
+        cfg = from_preset(args.preset, data_dir=args.data_dir, sequence=args.sequence, **flags)
     overrides = {}
     for item in args.set:
         if "=" not in item:

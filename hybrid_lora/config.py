@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import typing
+from pathlib import Path
 from dataclasses import dataclass
 
 PAPER_METHODS = ("lora", "dylora", "dc", "hybrid")
@@ -411,6 +412,14 @@ class ExperimentConfig:
             changes[name] = _coerce(name, text, hints[name])
         return dataclasses.replace(self, **changes)
 
+    def with_file(self, path: str | Path) -> "ExperimentConfig":
+        """This config with the fields of a YAML (.yaml, .yml) or JSON config file on top: any
+        ExperimentConfig fields, e.g. `r: 16` and `rank_schedule: [16, 8, 4]`. A run's own
+        config.json is one: its `method` and `seed` become `methods` and `seeds`, so it names
+        that one run. ValueError naming the file and the field for an unknown field or a value
+        of the wrong type; bad values fail `validate` as with --set."""
+        return dataclasses.replace(self, **file_changes(path))
+
 
 def from_preset(preset: str = "paper", data_dir: str | None = None, sequence: str | None = None,
                 **changes) -> ExperimentConfig:
@@ -434,8 +443,70 @@ def from_preset(preset: str = "paper", data_dir: str | None = None, sequence: st
     return dataclasses.replace(base, **changes)
 
 
-def _coerce(name: str, text: str, hint) -> object:
-    """Turn a CLI string into a value of type `hint` (bool, int, float, str, tuples, Optional)."""
+# keys of a run's config.json that are not ExperimentConfig fields
+RUN_KEYS = ("method", "seed", "schema_version", "fingerprints")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """{field: value} of a YAML or JSON config file; a run's config.json gives its one method
+    and seed as `methods` and `seeds`. FileNotFoundError / ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml  # PyYAML: installed with transformers
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ValueError as err:  # json.JSONDecodeError
+        raise ValueError(f"--config {path}: not valid JSON ({err}); YAML files end in .yaml or .yml") from None
+    except Exception as err:  # noqa: BLE001 - yaml.YAMLError
+        raise ValueError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of ExperimentConfig fields, found "
+                         f"{type(data).__name__}")
+    data = dict(data)
+    if "method" in data:
+        data["methods"] = [data.pop("method")]
+    if "seed" in data:
+        data["seeds"] = [data.pop("seed")]
+    return {k: v for k, v in data.items() if k not in RUN_KEYS}
+
+
+def file_changes(path: str | Path) -> dict:
+    """The fields of the config file `path` (`read_config_file`), each coerced to its field's
+    type; ValueError naming the file and the field when one is unknown or of the wrong type."""
+    fields = read_config_file(path)
+    hints = typing.get_type_hints(ExperimentConfig)
+    unknown = sorted(set(fields) - set(hints))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown ExperimentConfig field {unknown[0]!r}"
+                         f"{_did_you_mean(unknown[0], hints)}")
+    return {k: _coerce(k, _as_text(v), hints[k], f"--config {path}:") for k, v in fields.items()}
+
+
+def _as_text(value) -> str:
+    """A config file's value as the text --set would give (lists as JSON, None as "none")."""
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def _did_you_mean(name: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(name: str, text: str, hint, source: str | None = None) -> object:
+    """Turn a CLI string into a value of type `hint` (bool, int, float, str, tuples, Optional);
+    errors name `source` (default: the --set item)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     try:
         if hint is bool:  # bool("false") is True: read the word instead
@@ -451,7 +522,8 @@ def _coerce(name: str, text: str, hint) -> object:
         if type(None) in args:  # Optional[X]
             if text.lower() in ("none", "null", ""):
                 return None
-            return _coerce(name, text, next(a for a in args if a is not type(None)))
+            return _coerce(name, text, next(a for a in args if a is not type(None)), source)
     except ValueError:
-        raise ValueError(f"--set {name}={text}: cannot read {text!r} as {hint}") from None
+        where = f"{source} {name}" if source else f"--set {name}={text}"
+        raise ValueError(f"{where}: cannot read {text!r} as {hint}") from None
     raise ValueError(f"--set {name}: unsupported field type {hint}")
