@@ -149,7 +149,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The preset, then the --config file, then --data-dir / --model / --methods / --seeds,
     then --set overrides."""
     flags = {"model_name": args.model, "methods": args.methods, "seeds": args.seeds}
-    if getattr(args, "config", None):  # the file's None values count (from_preset drops them)
+    if args.config:  # the file's None values count (from_preset drops them)
         changes = {**file_changes(args.config), **{k: v for k, v in flags.items() if v is not None}}
         if args.data_dir is not None:
             changes.update(data_source="local", data_dir=str(args.data_dir))

@@ -154,7 +154,7 @@ def _from_pretrained(name: str, auto: str = "AutoModelForCausalLM"):
 
     try:
         return getattr(transformers, auto).from_pretrained(hub_id(name))
-    except (StrictDataclassError, TypeError) as err:
+    except StrictDataclassError as err:
         where = Path(name) / "config.json" if Path(name).is_dir() else f"the config.json of {name!r}"
         detail = " ".join(str(err).split())
         raise ValueError(f"{where} does not describe a model transformers can build ({detail})") from None

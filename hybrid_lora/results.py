@@ -124,10 +124,12 @@ def disk_errors(path: str | Path):
     try:
         yield
     except Exception as err:  # noqa: BLE001 - torch: RuntimeError, safetensors: SafetensorError
+        # only what a failed write raises: a bug (TypeError, ...) on a nearly full disk stays a bug
+        writing = isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"
         free = _free_bytes(Path(path))
         said = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
             s in str(err) for s in ("No space left", "os error 28", "StorageFull"))
-        if isinstance(err, DiskFull) or not (said or (free is not None and free < DISK_FULL_FREE)):
+        if isinstance(err, DiskFull) or not writing or not (said or (free is not None and free < DISK_FULL_FREE)):
             raise
         full = DiskFull(f"cannot write {path}: its disk is full ({_size(free)} free; {type(err).__name__}: "
                         f"{err}). Free some space, or write elsewhere, and run the same command again: a "

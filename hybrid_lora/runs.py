@@ -275,16 +275,18 @@ class _Run:
 
 def _start(run: _Run, saved: dict | None, out_dir, key: dict, device):
     """(model, position, checkpoint state or None) the run goes on from: its latest checkpoint
-    (once the base model is checked against the one it was made with), an identical finished
+    (when none loads, the base model is checked against the one it was made with first), an identical finished
     Stage 1 in `out_dir` (`share_stage1`: copied), or a fresh adapter. Sets the run's history
     and evaluations so far."""
     rd, cfg, m = run.rd, run.cfg, run.m
-    if saved is not None and (rd / CHECKPOINTS).is_dir():  # a changed base model is named, not the checkpoints
-        with rng_isolated():  # the model as a fresh run builds it (AdaLoRA's ranknum counts), no RNG drawn
-            fresh, _ = build_model(cfg, "cpu", r=m.train_rank(cfg), adalora=m.allocation == "adalora")
-        check_fingerprints(rd, saved, {"model": base_fingerprint(fresh)})
-        del fresh
-    found = load_checkpoint(rd, cfg, device)
+    try:
+        found = load_checkpoint(rd, cfg, device)
+    except ValueError:  # no checkpoint loads: a changed base model is named, not the checkpoints blamed
+        if saved is not None:
+            with rng_isolated():  # the model as a fresh run builds it (AdaLoRA's ranknum counts)
+                fresh, _ = build_model(cfg, "cpu", r=m.train_rank(cfg), adalora=m.allocation == "adalora")
+            check_fingerprints(rd, saved, {"model": base_fingerprint(fresh)})
+        raise
     donor = _shared_stage1(out_dir, rd, key) if found is None and cfg.share_stage1 else None
     if found is not None:
         model, state, saved_progress = found

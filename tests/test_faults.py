@@ -38,6 +38,14 @@ def test_a_rank_outside_sweep_ranks_completes_with_its_own_rank_as_reference(tmp
     assert {r["rank"] for r in rows} == {1, 2, 4} | {r["adapter_rank"] for r in rows}
     # the own-rank row is the uncut adapter: the R matrix's entry, not a cut
     assert own["final", "B"]["loss"] == pytest.approx(out["metrics"]["B_after_stage2"]["loss"], rel=1e-6)
+    # ... and equals a fresh evaluation of the saved final adapter (an independent reference)
+    from hybrid_lora.adapters import load_adapter, load_tokenizer
+    from hybrid_lora.data import make_loaders
+    from hybrid_lora.evaluate import evaluate_loss_and_token_acc
+
+    model = load_adapter(cfg, run_dir(tmp_path, method, 1) / "adapter_final")
+    fresh = evaluate_loss_and_token_acc(model, make_loaders(cfg, load_tokenizer(cfg), cfg.domains[1], 1).eval)
+    assert own["final", "B"]["loss"] == pytest.approx(fresh["loss"], rel=1e-5)
     assert all(math.isfinite(v) for k, v in out["metrics"].items() if k.startswith("rank_auc_loss"))
 
 
@@ -172,12 +180,21 @@ def test_a_full_disk_names_the_file_removes_the_partial_checkpoint_and_the_run_r
     assert run_cli(capsys, *TINY_CLI, "--out", tmp_path)[0] == 0
 
 
-def test_disk_errors_pass_other_failures_unchanged(tmp_path):
+def test_disk_errors_pass_other_failures_unchanged(tmp_path, monkeypatch):
+    import collections
+
+    import hybrid_lora.results as results_mod
     from hybrid_lora.results import DiskFull, disk_errors
 
     with pytest.raises(RuntimeError, match="^a bug$"):  # plenty of space: not a full disk
         with disk_errors(tmp_path / "f"):
             raise RuntimeError("a bug")
+    monkeypatch.setattr(results_mod.shutil, "disk_usage",
+                        lambda p: collections.namedtuple("usage", "total used free")(10 ** 9, 10 ** 9, 0))
+    with pytest.raises(TypeError, match="^not serializable$"):  # a bug on a full disk is still a bug
+        with disk_errors(tmp_path / "f"):
+            raise TypeError("not serializable")
+    monkeypatch.undo()
     with pytest.raises(DiskFull, match=r"cannot write .*f: its disk is full .*No space left on device"):
         with disk_errors(tmp_path / "f"):
             raise OSError(errno.ENOSPC, "No space left on device")
