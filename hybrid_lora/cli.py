@@ -1,4 +1,4 @@
-"""Command line: `python -m hybrid_lora run|plot|table|sweep-ranks ...` (see --help of each)."""
+"""Command line: `python -m hybrid_lora run|plot|table|sweep-ranks|per-input|export ...` (see --help of each)."""
 from __future__ import annotations
 
 import argparse
@@ -113,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="evaluate on the first N evaluation texts of each domain (default: the "
                             "run's sweep_n_eval, else all); rows hold the base model on the same texts")
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    exp = sub.add_parser("export", parents=[common], help="write a run's adapter cut to a rank as a PEFT adapter "
+                         "folder (or, --merge, a full model); no training")
+    exp.add_argument("run", help="a run folder, <out>/<method>/seed<k>")
+    exp.add_argument("--adapter", default="final", help="final (default), stage1, stage2, ...")
+    exp.add_argument("--rank", type=POSITIVE, help="default: the adapter's own rank (no cut)")
+    exp.add_argument("--cut", choices=SWEEP_KINDS, default="svd",
+                     help="svd (default): best rank K per module; slice: first K components; "
+                          "svd_alloc: rank K's parameters spread over modules by singular value")
+    exp.add_argument("--scaling", choices=("method", "preserve", "dylora"), default="method",
+                     help="slicing convention; 'method': the one the method trains with")
+    exp.add_argument("--out", required=True, help="the folder to write (an earlier export there is replaced)")
+    exp.add_argument("--merge", action="store_true", help="merge into the base model and save the full model "
+                     "and tokenizer (AutoModelForCausalLM.from_pretrained loads it)")
+    exp.add_argument("--push-to-hub", metavar="REPO", help="then upload it to the hub repo REPO (org/name)")
+    exp.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     per = sub.add_parser("per-input", parents=[common], help="rank chosen per input on a nested run's final "
                          "adapter, against random and fixed ranks at the same average; writes <run>/per_input.json")
     per.add_argument("--run", required=True, help="a finished matryoshka or dylora_nested run folder")
@@ -230,6 +245,16 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """The command `args.command` with its arguments."""
     if args.command == "sweep-ranks":
         return sweep_command(args)
+    if args.command == "export":
+        from .export import export_run
+
+        info = export_run(run_folder(args.run), args.out, args.adapter, args.rank, args.cut, args.scaling,
+                          args.merge, args.push_to_hub, args.private)
+        what = "model (merged)" if info["merged"] else "PEFT adapter"
+        print(f"{what} at rank {info['rank']} (cut {info['cut']}, of rank {info['adapter_rank']}), "
+              f"{info['lora_params']:,} LoRA parameters: {args.out}"
+              + (f"; pushed to {args.push_to_hub}" if args.push_to_hub else ""))
+        return 0
     if args.command == "per-input":
         from .per_input import per_input_run
 

@@ -13,6 +13,8 @@ import typing
 from pathlib import Path
 from dataclasses import dataclass
 
+from .sources import DATA_FILE_BUILDERS
+
 PAPER_METHODS = ("lora", "dylora", "dc", "hybrid")
 # continual-learning baselines ("lora" is sequential LoRA; "multitask" the upper bound)
 CL_METHODS = ("single", "cumulative", "multitask", "replay", "l2", "ewc", "freeze_add", "olora")
@@ -33,9 +35,10 @@ HUB_DOMAINS = {  # domain -> (dataset name, train split, eval split, text column
     "yelp": ("fancyzhx/yelp_polarity", "train", "test", "text"),
     "code": ("codeparrot/codeparrot-clean-valid", "train", None, "content"),  # eval: held out of train
 }
-# Any other hub text dataset is a domain written "<dataset>[@<config>]:<text column>",
-# e.g. "fancyzhx/ag_news:text" or "Salesforce/wikitext@wikitext-2-raw-v1:text" (see data.hub_source;
-# an old unnamespaced id such as "ag_news" is translated, sources.HUB_ALIASES).
+# Any other text dataset is a domain written "<dataset>[@<config>]:<column>[:<train split>[:<eval split>]]",
+# e.g. "fancyzhx/ag_news:text", "Salesforce/wikitext@wikitext-2-raw-v1:text", "my/chats:messages:train:test",
+# "notes/reviews.csv:body" (a hub id, a local dataset folder, or a .jsonl/.json/.csv/.parquet/.txt file;
+# see texts.parse_domain; an old unnamespaced id such as "ag_news" is translated, sources.HUB_ALIASES).
 # The shipped domain sequences (`ExperimentConfig.forgetting(sequence=...)`, CLI --sequence).
 SEQUENCES = {
     "imdb-yelp": ("imdb", "yelp"),        # the paper's pair: similar domains, the control
@@ -341,11 +344,13 @@ class ExperimentConfig:
         if len(set(self.domains)) != len(self.domains):
             raise self._bad("domains", "every stage needs a different domain")
         for d in self.domains:
-            if self.data_source == "builtin" and d not in BUILTIN_DOMAINS:
+            spec = ":" in d or Path(d).suffix.lower() in DATA_FILE_BUILDERS  # read with datasets
+            if self.data_source == "builtin" and d not in BUILTIN_DOMAINS and not spec:
                 raise self._bad("domains", f"unknown builtin domain {d!r}; known: {BUILTIN_DOMAINS}")
-            if self.data_source == "hub" and d not in HUB_DOMAINS and ":" not in d:
+            if self.data_source == "hub" and d not in HUB_DOMAINS and not spec:
                 raise self._bad("domains", f"unknown hub domain {d!r}: use one of {tuple(HUB_DOMAINS)} "
-                          "or '<dataset>[@<config>]:<text column>'")
+                                "or '<dataset>[@<config>]:<text column>[:<train split>[:<eval split>]]' "
+                                f"(a hub id, a dataset folder or a {'/'.join(DATA_FILE_BUILDERS)} file)")
         if self.device not in DEVICES:
             raise self._bad("device", f"must be one of {DEVICES}")
         for name in ("keep_checkpoints", "dylora_frozen", "share_stage1", "gradient_checkpointing"):

@@ -1,14 +1,10 @@
-"""Domains by name -> texts -> fixed-length tokenized tensors -> DataLoaders.
+"""A domain's texts -> fixed-length tokenized tensors -> DataLoaders.
 
-Sources (`cfg.data_source`):
-- "hub": Hugging Face datasets (`HUB_DOMAINS`, or any "<dataset>[@<config>]:<column>"),
-  shuffled with `data_seed`.
-- "local": `<data_dir>/<domain>.jsonl`, rows `{"text": str, "split": "train"|"test", ...}`.
-- "builtin": a small three-domain corpus generated here from a seeded RNG (no files, no network).
-
-`stage_train_set` builds what a stage trains on: the current domain, plus a replay buffer of
-earlier domains, the union of all domains so far ("cumulative"), or of all domains ("all":
-multitask training).
+Where the texts come from (hub, local files, the built-in corpus) is `texts`; this module
+tokenizes them (chat messages through the tokenizer's chat template), samples epochs, and builds
+what a stage trains on (`stage_train_set`): the current domain, plus a replay buffer of earlier
+domains, the union of all domains so far ("cumulative"), or of all domains ("all": multitask
+training).
 
 Labels are the input ids with padding positions, found from the attention mask
 (not from the token id, since pad = eos), set to -100.
@@ -16,193 +12,44 @@ Labels are the input ids with padding positions, found from the attention mask
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, Subset, TensorDataset
 
-from .config import HUB_DOMAINS, ExperimentConfig
-from .sources import hub_id
+from .config import ExperimentConfig
+from .texts import DomainTexts, hub_source, load_texts, parse_domain  # noqa: F401 - also imported from here
 
 IGNORE_INDEX = -100
 
 
-# ------------------------------------------------------------------ text sources
-class DomainTexts(NamedTuple):
-    """One domain's texts: `n_train` training texts drawn with the train seed, `n_eval`
-    evaluation texts and `n_val` validation texts drawn with `data_seed` (the same for every
-    run seed; validation is carved out of the training pool, so never trained on)."""
-    train: list[str]
-    eval: list[str]
-    val: list[str]
-
-
-def train_seed(cfg: ExperimentConfig, seed: int | None) -> int:
-    """The seed of the training subset: `cfg.train_data_seed` if set, else the run's `seed`
-    (each seed trains on its own sample, so data noise is in seed-level intervals), else
-    `data_seed` (no run seed given)."""
-    if cfg.train_data_seed is not None:
-        return cfg.train_data_seed
-    return cfg.data_seed if seed is None else seed
-
-
-def load_texts(cfg: ExperimentConfig, domain: str, seed: int | None = None) -> DomainTexts:
-    """One domain's (train, eval, val) texts for the run seed `seed` (see `train_seed`)."""
-    if cfg.data_source == "hub":
-        return _hub_texts(cfg, domain, train_seed(cfg, seed))
-    if cfg.data_source == "local":
-        return _local_texts(cfg, domain, train_seed(cfg, seed))
-    return DomainTexts(_builtin_texts(domain, cfg.n_train, 0, train_seed(cfg, seed))[0],
-                       _builtin_texts(domain, cfg.n_train, cfg.n_eval, cfg.data_seed)[1],
-                       _builtin_texts(domain, cfg.n_val, 0, f"val-{cfg.data_seed}")[0])
-
-
-def _take(texts: list[str], n: int, seed: int, what: str) -> list[str]:
-    if len(texts) < n:
-        raise ValueError(f"{what}: asked for {n} samples, only {len(texts)} available")
-    order = random.Random(seed).sample(range(len(texts)), n)
-    return [texts[i] for i in order]
-
-
-def _carve(pool: list[str], cfg: ExperimentConfig, seed: int, what: str) -> tuple[list[str], list[str]]:
-    """(train, val) from one training pool: `n_val` texts fixed by data_seed, then `n_train` of
-    the rest drawn with `seed`. With n_val = 0 and seed = data_seed: the draw of schema <= 3."""
-    if len(pool) < cfg.n_train + cfg.n_val:
-        raise ValueError(f"{what}: asked for {cfg.n_train} train + {cfg.n_val} validation samples, "
-                         f"only {len(pool)} available")
-    held = set(random.Random(f"val-{cfg.data_seed}").sample(range(len(pool)), cfg.n_val))
-    rest = [t for i, t in enumerate(pool) if i not in held]
-    return _take(rest, cfg.n_train, seed, what), [pool[i] for i in sorted(held)]
-
-
-def _local_texts(cfg: ExperimentConfig, domain: str, seed: int) -> DomainTexts:
-    path = Path(cfg.data_dir) / f"{domain}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"domain {domain!r}: no file {path} (data_dir={cfg.data_dir!r})")
-    splits: dict[str, list[str]] = {"train": [], "test": []}
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:  # (a byte-order mark at the start, as some editors write, is dropped)
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {raw[err.start]:#04x} at byte "
-                                 f"{err.start + 1} of the line); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not a JSON object ({err.msg}, column "
-                                 f"{err.colno})") from None
-            if not isinstance(row, dict) or row.get("split") not in splits or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}:{line_no}: need 'text' (str) and 'split' in {list(splits)}")
-            splits[row["split"]].append(row["text"])
-    train, val = _carve(splits["train"], cfg, seed, f"{path} train")
-    return DomainTexts(train, _take(splits["test"], cfg.n_eval, cfg.data_seed, f"{path} test"), val)
-
-
-def hub_source(domain: str) -> tuple[str, str | None, str, str | None, str]:
-    """(dataset, config or None, train split, eval split or None, text column) of a hub domain:
-    a HUB_DOMAINS name, or "<dataset>[@<config>]:<column>" (splits "train" and "test"; with no
-    "test" split the evaluation texts are held out of the shuffled train split). An old
-    unnamespaced dataset id ("ag_news") becomes its canonical one (`sources.hub_id`)."""
-    if domain in HUB_DOMAINS:
-        name, train_split, eval_split, column = HUB_DOMAINS[domain]
-        return name, None, train_split, eval_split, column
-    dataset, sep, column = domain.rpartition(":")
-    if not sep or not dataset or not column:
-        raise ValueError(f"hub domain {domain!r}: write '<dataset>[@<config>]:<text column>'")
-    name, _, config = dataset.partition("@")
-    return hub_id(name), config or None, "train", "test", column
-
-
-def _hub_texts(cfg: ExperimentConfig, domain: str, seed: int) -> DomainTexts:
-    """The train split shuffled with data_seed: evaluation texts (when the dataset has no eval
-    split) from its end, validation texts before them, the training subset drawn from the rest
-    with `seed`."""
-    from datasets import load_dataset  # imported here: only the hub path needs it
-
-    name, config, train_split, eval_split, column = hub_source(domain)
-    ds = load_dataset(name, config)
-    if column not in ds[train_split].column_names:
-        raise ValueError(f"hub domain {domain!r}: no column {column!r}; "
-                         f"columns: {ds[train_split].column_names}")
-    pool = ds[train_split].shuffle(seed=cfg.data_seed)
-    held_eval = eval_split is None or eval_split not in ds
-    n_eval_held = cfg.n_eval if held_eval else 0
-    need = cfg.n_train + cfg.n_val + n_eval_held
-    if len(pool) < need:
-        raise ValueError(f"hub dataset {name!r}/{train_split}: asked for {need}, has {len(pool)}")
-    end = len(pool) - n_eval_held
-    val = _rows(pool, end - cfg.n_val, end, column)
-    rest = pool.select(range(end - cfg.n_val)).shuffle(seed=seed)
-    train = _rows(rest, 0, cfg.n_train, column)
-    if held_eval:
-        return DomainTexts(train, _rows(pool, end, len(pool), column), val)
-    test = ds[eval_split].shuffle(seed=cfg.data_seed)
-    if len(test) < cfg.n_eval:
-        raise ValueError(f"hub dataset {name!r}/{eval_split}: asked for {cfg.n_eval}, has {len(test)}")
-    return DomainTexts(train, _rows(test, 0, cfg.n_eval, column), val)
-
-
-def _rows(ds, start: int, stop: int, column: str) -> list[str]:
-    """`column` of rows start..stop-1 of a datasets.Dataset ([] when empty: `select` of an empty
-    range at the end of a dataset raises IndexError in datasets 5)."""
-    return list(ds.select(range(start, stop))[column]) if stop > start else []
-
-
-_SUBJECTS = {
-    "imdb": ["the film", "this movie", "the director", "the plot", "the lead actor",
-             "the soundtrack", "the script", "the ending", "the cast", "the sequel"],
-    "yelp": ["the waiter", "the pasta", "our table", "the service", "the pizza",
-             "the dessert", "the menu", "the chef", "the coffee", "the staff"],
-}
-_VERBS = {
-    "imdb": ["was", "felt", "looked", "seemed", "turned out"],
-    "yelp": ["was", "tasted", "came out", "seemed", "smelled"],
-}
-_ADJECTIVES = ["great", "awful", "boring", "wonderful", "slow", "fresh", "bland", "brilliant",
-               "cold", "funny", "rude", "friendly", "long", "perfect", "cheap", "overrated"]
-_ENDINGS = {
-    "imdb": ["I would watch it again.", "Skip this one.", "Ten out of ten.", "Wait for the DVD."],
-    "yelp": ["We will be back.", "Never again.", "Five stars.", "Tip the staff well."],
-}
-
-
-_NAMES = ["x", "y", "total", "count", "items", "value", "key", "row", "name", "data"]
-_CALLS = ["len", "sum", "max", "min", "sorted", "str", "int", "abs"]
-
-
-def _builtin_texts(domain: str, n_train: int, n_eval: int, seed) -> tuple[list[str], list[str]]:
-    """Templated reviews (movies for 'imdb', restaurants for 'yelp') or small Python
-    functions ('code'); seeded, so reproducible."""
-    rng = random.Random(f"{domain}-{seed}")
-
-    def function() -> str:
-        args = rng.sample(_NAMES, 2)
-        body = [f"    {rng.choice(_NAMES)} = {rng.choice(_CALLS)}({rng.choice(args)})"
-                for _ in range(rng.randint(1, 3))]
-        return "\n".join([f"def {rng.choice(_NAMES)}_{rng.randint(0, 9)}({', '.join(args)}):"]
-                         + body + [f"    return {rng.choice(args)}"])
-
-    def review() -> str:
-        if domain == "code":
-            return function()
-        sentences = [f"{rng.choice(_SUBJECTS[domain]).capitalize()} {rng.choice(_VERBS[domain])} "
-                     f"{rng.choice(_ADJECTIVES)}." for _ in range(rng.randint(2, 5))]
-        return " ".join(sentences + [rng.choice(_ENDINGS[domain])])
-
-    texts = [review() for _ in range(n_train + n_eval)]
-    return texts[:n_train], texts[n_train:]
-
-
 # ------------------------------------------------------------------ tokenization
-def tokenize(texts: list[str], tokenizer, max_length: int) -> TensorDataset:
-    """Fixed-length (input_ids, attention_mask, labels), each [N, max_length]; pad = eos."""
+def is_chat(item) -> bool:
+    """Whether a text is chat messages: a list of {"role", "content"} mappings."""
+    return isinstance(item, list) and bool(item) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                       for m in item)
+
+
+def as_text(item, tokenizer) -> str:
+    """A text as a string: chat messages rendered with the tokenizer's chat template."""
+    if isinstance(item, str):
+        return item
+    if is_chat(item):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the texts are chat messages, but the tokenizer has no chat template "
+                             f"({type(tokenizer).__name__}); use a chat model's tokenizer, or a text column")
+        return tokenizer.apply_chat_template(item, tokenize=False)
+    shown = repr(item)[:60]
+    raise ValueError(f"a text is {type(item).__name__} {shown}, not a string nor chat messages "
+                     "([{'role': ..., 'content': ...}, ...]); choose a text column")
+
+
+def tokenize(texts: list, tokenizer, max_length: int) -> TensorDataset:
+    """Fixed-length (input_ids, attention_mask, labels), each [N, max_length]; pad = eos.
+    `texts` are strings or chat messages (`as_text`)."""
+    texts = [as_text(t, tokenizer) for t in texts]
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
                     return_tensors="pt")
     input_ids, mask = enc["input_ids"], enc["attention_mask"]

@@ -78,6 +78,26 @@ def svd_allocate(factors, scalings, k: int, svds=None) -> tuple[list[tuple[torch
     return cut, kept
 
 
+def cut_factors(factors, scalings, k: int, kind: str, multiplier: float = 1.0, svds=None) -> list:
+    """[(A, B)] of an adapter cut to rank k, each at its full shape (components past the cut
+    zero): "slice" keeps the first k components with B scaled by `multiplier`
+    (`slice_multiplier`), "svd" each module's best rank k, "svd_alloc" the parameters of rank k
+    spread over modules by singular value. `svds`: `lora_svd` of each module, if computed."""
+    if kind not in ("slice", "svd", "svd_alloc"):
+        raise ValueError(f"kind={kind!r}: must be 'slice', 'svd' or 'svd_alloc'")
+    if kind == "slice":
+        cut = []
+        for a, b in factors:
+            a_new, b_new = torch.zeros_like(a), torch.zeros_like(b)
+            a_new[:k], b_new[:, :k] = a[:k], b[:, :k] * multiplier
+            cut.append((a_new, b_new))
+        return cut
+    svds = svds if svds is not None else [lora_svd(a, b) for a, b in factors]
+    if kind == "svd":
+        return [svd_truncate_factors(a, b, k, svd) for (a, b), svd in zip(factors, svds)]
+    return svd_allocate(factors, scalings, k, svds)[0]
+
+
 @contextmanager
 def swapped_factors(model: nn.Module, factors: list[tuple[torch.Tensor, torch.Tensor]]):
     """Inside the block the model's LoRA A and B hold `factors`; the originals come back after."""
@@ -117,9 +137,7 @@ def rank_sweep(model: nn.Module, loader, ranks, kind: str = "slice", scaling: st
                 m[:k] = slice_multiplier(model, k, scaling)
                 ev = evaluate_loss_and_token_acc(model, loader, amp_dtype)
         else:
-            cut = ([svd_truncate_factors(a, b, k, svd) for (a, b), svd in zip(factors, svds)] if kind == "svd"
-                   else svd_allocate(factors, scalings, k, svds)[0])
-            with swapped_factors(model, cut):
+            with swapped_factors(model, cut_factors(factors, scalings, k, kind, svds=svds)):
                 ev = evaluate_loss_and_token_acc(model, loader, amp_dtype)
         points.append({"rank": k, "loss": ev["loss"], "acc": ev["acc"]})
         if progress is not None:

@@ -8,7 +8,8 @@ their canonical ids (one printed line the first time each is translated); any ot
 through unchanged, and a local file or folder of the same name always wins.
 
 A GGUF base model is named by its file (`path/to/model.gguf`) or by a folder that holds one
-GGUF file and no config.json (`gguf_location`).
+GGUF file and no config.json (`gguf_location`). A local data file is read by the `datasets`
+builder of its suffix (`DATA_FILE_BUILDERS`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ HUB_ALIASES = {
     "cnn_dailymail": "abisee/cnn_dailymail",
 }
 _announced: set[str] = set()
+# a local data file's suffix -> the datasets builder that reads it
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
 def hub_id(name: str, quiet: bool = False) -> str:

@@ -257,7 +257,7 @@ def test_a_utf8_byte_order_mark_is_read(tmp_path):
     write_domains(tmp_path / "data")
     path = tmp_path / "data" / "imdb.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
-    from hybrid_lora.data import _local_texts
+    from hybrid_lora.texts import _local_texts
 
     cfg = tiny_config(data_source="local", data_dir=str(tmp_path / "data"))
     assert _local_texts(cfg, "imdb", 1).train  # the first line parsed
