@@ -30,6 +30,8 @@ _EXPORTS = {
     "train": ("device_report",),
     "runs": ("resweep", "run_experiment"),
     "grid": ("run_all", "run_lambda_sweep"),
+    "export": ("export_run",),
+    "hf_trainer": ("LossTerms", "reference_after", "regularized"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

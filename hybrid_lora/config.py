@@ -29,6 +29,7 @@ IMPORTANCES = ("sensitivity", "fisher", "activation")  # importance.py
 DYLORA_DISTRIBUTIONS = ("uniform", "geometric")
 SWEEP_KINDS = ("slice", "svd", "svd_alloc")
 DATA_SOURCES = ("hub", "local", "builtin")
+REPORTERS = ("tensorboard", "wandb")  # report_to: accelerate's trackers (tracking.py)
 BUILTIN_DOMAINS = ("imdb", "yelp", "code")
 HUB_DOMAINS = {  # domain -> (dataset name, train split, eval split, text column)
     "imdb": ("stanfordnlp/imdb", "train", "test", "text"),
@@ -57,7 +58,7 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 # Fields that do not change a run's numbers: a run may resume (or be skipped as complete)
 # under a config that differs from its saved config.json only in these.
 RUN_INDEPENDENT_FIELDS = ("methods", "seeds", "checkpoint_every", "keep_checkpoints")
-RUN_INDEPENDENT_FIELDS += ("share_stage1",)
+RUN_INDEPENDENT_FIELDS += ("share_stage1", "report_to")
 # How the same computation is laid out: results agree to float rounding.
 RUN_INDEPENDENT_FIELDS += ("gradient_accumulation_steps", "gradient_checkpointing", "eval_batch_size",
                            "device")  # a run started on one device may go on on another
@@ -155,13 +156,16 @@ class ExperimentConfig:
     device: str = "auto"
     mixed_precision: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA >= sm80, fp16 + GradScaler below (T4)
     # checkpoints (resume after an interruption): every N optimizer steps and at each epoch end
+    # experiment tracking: () / "none", or any of REPORTERS ("tensorboard": <run>/tensorboard/;
+    # "wandb"), through accelerate's trackers (tracking.py); the run's numbers do not depend on it
+    report_to: tuple[str, ...] = ()
     checkpoint_every: int = 200  # 0: only at epoch ends
     keep_checkpoints: bool = False  # keep <run>/checkpoints/ after the run completes
 
     def __post_init__(self) -> None:
         # JSON and the CLI give lists; keep tuples so the config stays hashable and frozen.
         for name in ("target_modules", "domains", "rank_schedule", "methods", "seeds", "sweep_ranks",
-                     "sweep_kinds", "matryoshka_ranks"):
+                     "sweep_kinds", "matryoshka_ranks", "report_to"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
@@ -353,6 +357,11 @@ class ExperimentConfig:
                                 f"(a hub id, a dataset folder or a {'/'.join(DATA_FILE_BUILDERS)} file)")
         if self.device not in DEVICES:
             raise self._bad("device", f"must be one of {DEVICES}")
+        if self.report_to in (("none",), ("None",)):  # Trainer's spelling of "no tracking"
+            object.__setattr__(self, "report_to", ())
+        for kind in self.report_to:
+            if kind not in REPORTERS:
+                raise self._bad("report_to", f"{kind!r} is not one of {REPORTERS} (or 'none')")
         for name in ("keep_checkpoints", "dylora_frozen", "share_stage1", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise self._bad(name, "must be True or False")

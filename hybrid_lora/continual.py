@@ -66,22 +66,32 @@ def stage_reference(cfg: ExperimentConfig, method: Method, run: Path, stage: int
     if stage == 1:
         return None
     n = len(cfg.domains)
-    prev_model = load_adapter(cfg, adapter_dir(run, stage - 1, n), device)
+    return reference_from(method, lambda k, trainable=False: load_adapter(cfg, adapter_dir(run, k, n), device,
+                                                                          trainable=trainable),
+                          stage - 1, train_sets, cfg.ewc_samples)
+
+
+def reference_from(method: Method, adapter, stages_before: int, train_sets, ewc_samples: int) -> StageReference:
+    """The references of the stage after `stages_before` stages: `adapter(k, trainable)` is the
+    model after stage k (1..stages_before; the last one is the previous adapter), loaded only when
+    the method needs it; `train_sets[k - 1]` stage k's training sequences (EWC's Fisher)."""
+    prev_model = adapter(stages_before)
     ref = StageReference(factors=snapshot_factors(prev_model),
                          scalings=[s for *_, s in lora_factors(prev_model)])
     if method.penalty == "ewc":  # online EWC: the Fisher of every earlier domain at its own adapter
         ref.fisher = None
-        for k in range(1, stage):
-            model_k = prev_model if k == stage - 1 else load_adapter(cfg, adapter_dir(run, k, n), device,
-                                                                    trainable=True)
+        for k in range(1, stages_before + 1):
+            model_k = prev_model if k == stages_before else adapter(k, trainable=True)
+            was = {id(p): p.requires_grad for p in model_k.parameters()}
             model_k.requires_grad_(False)
             for _, a, b, _ in lora_factors(model_k):
                 a.requires_grad_(True), b.requires_grad_(True)
-            f_k = fisher_diagonal(model_k, train_sets[k - 1], cfg.ewc_samples)
+            f_k = fisher_diagonal(model_k, train_sets[k - 1], ewc_samples)
+            for p in model_k.parameters():  # a model the caller trains on stays as it was
+                p.requires_grad_(was[id(p)])
             ref.fisher = f_k if ref.fisher is None else [f + g for f, g in zip(ref.fisher, f_k)]
     if method.penalty == "olora":
-        per_stage = [[a for a, _ in snapshot_factors(load_adapter(cfg, adapter_dir(run, k, n), device))]
-                     for k in range(1, stage)]
+        per_stage = [[a for a, _ in snapshot_factors(adapter(k))] for k in range(1, stages_before + 1)]
         ref.old_a = [torch.cat(rows, dim=0) for rows in zip(*per_stage)]
     return ref
 

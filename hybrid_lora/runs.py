@@ -37,6 +37,7 @@ from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, ru
                       two_domain_evals, write_history, write_json_atomic)
 from .sources import hub_id
 from .analysis.sweep_results import sweep_aucs, sweep_reference
+from .tracking import open_tracking, step_offsets
 from .train import NonFiniteLoss, resolve_device, set_seed, train_stage
 
 
@@ -191,9 +192,14 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
     write_json_atomic(rd / "config.json", config)  # only once data and model have loaded
     if stop_after_stage is not None and position[0] > stop_after_stage:
         return run.result(False)
-    if not run.evals:  # LoRA B starts at zero, so the fresh PEFT model computes the base model
-        run.evaluate_all(model)
-    model = _train_stages(run, model, position, state, seed, key, device, progress, stop_after_stage)
+    run.tracking = open_tracking(cfg, rd, f"{rd.parent.name}/{rd.name}", config)  # report_to
+    try:
+        if not run.evals:  # LoRA B starts at zero, so the fresh PEFT model computes the base model
+            run.evaluate_all(model)
+        model = _train_stages(run, model, position, state, seed, key, device, progress, stop_after_stage)
+    finally:
+        if run.tracking is not None:
+            run.tracking.finish()
     if model is None:  # stopped after stage `stop_after_stage`
         return run.result(False)
     val = {x: _matrix(run.val_evals, x) for x in ("loss", "acc")} if cfg.n_val else None
@@ -246,6 +252,7 @@ class _Run:
     def __init__(self, rd: Path, cfg, m: Method, loaders, amp_dtype, config: dict):
         self.rd, self.cfg, self.m, self.loaders, self.amp_dtype, self.config = rd, cfg, m, loaders, amp_dtype, config
         self.history, self.evals, self.val_evals = [], [], []
+        self.tracking = None  # tracking.Tracking on the main process when cfg.report_to
 
     def evaluate_all(self, model) -> None:
         """One row of R (every domain, per-sequence sums) and of R_val; NonFiniteLoss on a NaN."""
@@ -315,6 +322,9 @@ def _train_stages(run: _Run, model, position, state, seed: int, key: dict, devic
     stage `stop_after_stage`."""
     rd, cfg, m, loaders = run.rd, run.cfg, run.m, run.loaders
     n_stages, train_sets = len(cfg.domains), [ld.train.dataset for ld in loaders]
+    offsets = step_offsets([_stage_steps(cfg, m, train_sets, t) for t in range(1, n_stages + 1)])
+    if run.tracking is not None and position == (1, 1, 0):
+        run.tracking.log_stage(run.evals[0], 0)  # the base model
     for stage in range(position[0], n_stages + 1):
         resume = None
         if state is not None and stage == position[0] and position[1:] != (1, 0):
@@ -334,9 +344,15 @@ def _train_stages(run: _Run, model, position, state, seed: int, key: dict, devic
         model, rows = train_stage(model, cfg, m, stage, train_loader(cfg, data, seed, length),
                                   loaders[stage - 1].eval, m.stage_ranks(cfg, stage),
                                   reference=reference, amp_dtype=run.amp_dtype, progress=progress,
-                                  resume=resume, checkpoint=run.checkpoint, evaluate_last=False)
+                                  resume=resume, checkpoint=run.checkpoint, evaluate_last=False,
+                                  tracking=run.tracking, step_offset=offsets[stage - 1])
         del run.evals[stage:], run.val_evals[stage:]
         run.evaluate_all(model)
+        if run.tracking is not None:  # the R row; the last epoch's evaluation is its own domain's
+            end = offsets[stage - 1] + _stage_steps(cfg, m, train_sets, stage)
+            run.tracking.log_stage(run.evals[-1], end)
+            run.tracking.log({"eval/loss": run.evals[-1][stage - 1]["loss"],
+                              "eval/acc": run.evals[-1][stage - 1]["acc"]}, end)
         # the last epoch's evaluation is this row of R: the same model on the same loader
         if rows:
             rows[-1].update(eval_loss=run.evals[-1][stage - 1]["loss"], eval_acc=run.evals[-1][stage - 1]["acc"])
@@ -351,6 +367,12 @@ def _train_stages(run: _Run, model, position, state, seed: int, key: dict, devic
                 barrier()
                 return None
     return model
+
+
+def _stage_steps(cfg, m: Method, train_sets: list, stage: int) -> int:
+    """The optimizer steps of stage `stage` (every epoch)."""
+    data, length = stage_train_set(cfg, train_sets, stage, m.data)
+    return math.ceil((length or len(data)) / cfg.batch_size) * len(m.stage_ranks(cfg, stage))
 
 
 def _save_stage(model, run: _Run, stage: int) -> None:

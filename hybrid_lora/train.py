@@ -172,7 +172,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                 ranks: tuple[int, ...], reference: StageReference | None = None,
                 amp_dtype: torch.dtype | None = None,
                 progress: bool = True, resume: dict | None = None, checkpoint=None,
-                evaluate_last: bool = True):
+                evaluate_last: bool = True, tracking=None, step_offset: int = 0):
     """Train one stage, one epoch per entry of `ranks`; returns (model, history rows).
 
     Before an epoch whose rank is below the model's, the model is rebuilt at that rank
@@ -190,6 +190,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
     `checkpoint(model, position, state, rows)` is called every `cfg.checkpoint_every` steps
     and after each epoch. `resume` ({"epoch", "step", "rows", "state"} from such a call)
     continues from there: same batches, same optimizer/scaler state, same RNG stream.
+    `tracking` (`tracking.Tracking`, main process; `cfg.report_to` on every process) gets each
+    step's terms and each epoch's row at step `step_offset` + steps so far in the stage.
     """
     lam_order, lam_dc = method.lambdas(cfg, stage)
     if (lam_dc or method.penalty_lambda(cfg, stage)) and reference is None:
@@ -209,6 +211,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
     with allocating(model, cfg, method.allocation, stage, len(ranks) * steps_per_epoch, alloc_state) as alloc:
         loop = _StageLoop(cfg, method, stage, reference, device, amp_dtype, scaler, alloc, lam_order, n_proc,
                           progress)
+        loop.tracking, loop.step_base = tracking, step_offset  # step of (epoch, 0): + (epoch - 1) * steps
+        loop.steps_per_epoch = steps_per_epoch
 
         def save(model, optimizer, position, sums=None) -> None:  # on every process; process 0 writes
             checkpoint(model, position, _stage_state(optimizer, scaler, alloc, n_proc, sums), rows)
@@ -224,6 +228,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             row = loop.epoch(model, optimizer, epoch, rank, train_loader, eval_loader, skip,
                              saved_sums if skip else None, save if checkpoint else None, skip_eval=last)
             rows.append(row)
+            if tracking is not None:
+                tracking.log_epoch(row, step_offset + epoch * steps_per_epoch)
             if alloc is not None:  # kept apart from history.json in allocation.json (runs.py)
                 rows[-1]["allocation"] = alloc.log()
                 if epoch == len(ranks):  # before the checkpoint: evaluation and saving need no hooks
@@ -282,6 +288,7 @@ class _StageLoop:
         self.cfg, self.method, self.stage, self.reference = cfg, method, stage, reference
         self.device, self.amp_dtype, self.scaler, self.alloc = device, amp_dtype, scaler, alloc
         self.lam_order, self.n_proc, self.progress = lam_order, n_proc, progress
+        self.tracking, self.step_base, self.steps_per_epoch = None, 0, 0  # set by train_stage
         # (AdaLoRA's A and B alone are not its update: no cosine for it)
         self.cos_ref = reference if reference is not None and method.adapter == "continue" \
             and method.allocation != "adalora" else None
@@ -320,8 +327,10 @@ class _StageLoop:
             batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
                            disable=not self.progress, initial=skip, total=n_batches)
             for batch in batches:
-                self.step(model, optimizer, params, factors, terms, nest, batch, sums, guard, step)
+                parts = self.step(model, optimizer, params, factors, terms, nest, batch, sums, guard, step)
                 step += 1
+                if cfg.report_to:
+                    self.track(parts, rank, self.step_base + (epoch - 1) * self.steps_per_epoch + step)
                 if step % guard.every == 0:
                     guard.check()
                 if self.progress and step % 20 == 0:  # .item() syncs the device: only now and then
@@ -341,7 +350,8 @@ class _StageLoop:
     def step(self, model, optimizer, params, factors, terms, nest, batch, sums, guard, step: int) -> None:
         """One optimizer step: CE over the batch's micro-batches, then the regularizers (once per
         step, weight 1/world on each process), backward, gradients summed over processes, the
-        allocator's observation between `scaler.unscale_` and `scaler.step`."""
+        allocator's observation between `scaler.unscale_` and `scaler.step`. Returns the step's
+        terms ({"ce", "order", "dc", "penalty"}, those in force; scalar tensors)."""
         alloc, scaler = self.alloc, self.scaler
         if nest is not None:  # DyLoRA: this step trains rank b only; Matryoshka: all prefixes
             nest.begin(nest.next_rank())
@@ -375,6 +385,17 @@ class _StageLoop:
         if alloc is not None:
             alloc.after_step()
         sums["steps"] += 1
+        return parts
+
+    def track(self, parts: dict, rank: int, step: int) -> None:
+        """Send one step's terms to the trackers (`cfg.report_to`): the CE summed over processes
+        (each holds its rows' share of the batch mean), the regularizers as weighted in the loss."""
+        values = torch.stack([v.detach().float() for v in parts.values()])
+        if self.n_proc > 1:
+            values[0] = all_reduce(values[0])
+        if self.tracking is not None:
+            self.tracking.log({**{f"train/{k}": v for k, v in zip(parts, values.tolist())},
+                               "train/rank": rank}, step)
 
     def history_row(self, model, epoch, rank, factors, w_prev, terms, sums, ev, start, train_seconds) -> dict:
         """The epoch's row of history.json (HISTORY_KEYS): mean train terms, evaluation, cosine to
