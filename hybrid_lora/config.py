@@ -26,7 +26,8 @@ METHOD_NAMES = PAPER_METHODS + ("dylora_nested", "hybrid_nested", "lora_small", 
 METHOD_NAMES += ("dynamic", "dynamic_protect", "adalora")
 ALLOCATING_METHODS = ("dynamic", "dynamic_protect", "adalora")
 IMPORTANCES = ("sensitivity", "fisher", "activation")  # importance.py
-DYLORA_DISTRIBUTIONS = ("uniform", "geometric")
+DYLORA_DISTRIBUTIONS = ("uniform", "geometric", "ranks")
+MATRYOSHKA_WEIGHTINGS = ("mean", "sum")  # nested.matryoshka_weights
 SWEEP_KINDS = ("slice", "svd", "svd_alloc")
 DATA_SOURCES = ("hub", "local", "builtin")
 REPORTERS = ("tensorboard", "wandb")  # report_to: accelerate's trackers (tracking.py)
@@ -129,12 +130,17 @@ class ExperimentConfig:
     share_stage1: bool = True   # reuse an identical Stage 1 of another run in the same output folder
     # true DyLoRA training (methods *_nested): each step one rank b ~ p_B on [dylora_r_min, r]
     dylora_r_min: int = 1
-    dylora_distribution: str = "uniform"  # or "geometric": p_B(b) ~ p (1 - p)^(b - r_min)
+    dylora_distribution: str = "uniform"  # or "geometric": p_B(b) ~ p (1 - p)^(b - r_min); or "ranks":
+    #                                        b uniform over the evaluated ranks (sweep_ranks <= r, and r)
     dylora_p: float = 0.15
     dylora_frozen: bool = False  # True: update only component b (the paper's FROZEN mode)
     # Matryoshka weighting (methods *matryoshka): each step trains the mean of the rank-k
     # sub-adapters (first k components at alpha/k) for k in these ranks; () = 1, 2, 4, ... up to r
     matryoshka_ranks: tuple[int, ...] = ()
+    # "mean": the mean of the sub-adapters, each at alpha/k (cuts keep alpha: scaling "dylora");
+    # "sum": their sum, each at the adapter's own scaling (MatryoshkaLoRA's reference code: its
+    # default lora_scaling "none" with the "diag" mask; cuts keep the scaling: "preserve")
+    matryoshka_weighting: str = "mean"
     # budgeted allocation (methods dynamic*): every module starts at rank r; the budget falls to
     # the parameters of uniform rank rank_schedule[-1] on AdaLoRA's cubic schedule; names after
     # AdaLoraConfig's tinit / tfinal (here fractions of a stage's steps), deltaT, beta1, beta2
@@ -374,6 +380,8 @@ class ExperimentConfig:
             raise self._bad("dc_variant", f"must be one of {DC_VARIANTS}")
         if self.dylora_distribution not in DYLORA_DISTRIBUTIONS:
             raise self._bad("dylora_distribution", f"must be one of {DYLORA_DISTRIBUTIONS}")
+        if self.matryoshka_weighting not in MATRYOSHKA_WEIGHTINGS:
+            raise self._bad("matryoshka_weighting", f"must be one of {MATRYOSHKA_WEIGHTINGS}")
         if not 0.0 < self.dylora_p < 1.0:
             raise self._bad("dylora_p", "must be in (0, 1)")
         if any(not isinstance(k, int) or k < 1 for k in self.sweep_ranks):

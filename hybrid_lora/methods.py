@@ -67,9 +67,12 @@ class Method:
         """How this method's adapters are cut to a lower rank, in training (rebuild) and sweeps.
 
         Nested training (DyLoRA, Matryoshka) runs rank b with alpha/b, so its cuts keep lora_alpha
-        ("dylora"; `rebuild_model_for_new_rank` calls it "peft"); the others keep each
+        ("dylora"; `rebuild_model_for_new_rank` calls it "peft"), except Matryoshka's "sum"
+        weighting (sub-adapters at the adapter's own scaling: "preserve"); the others keep each
         kept component's contribution ("preserve") unless cfg.rebuild_scaling says "peft".
         """
+        if self.nested == "matryoshka" and cfg.matryoshka_weighting == "sum":
+            return "preserve"  # each sub-adapter at the adapter's own scaling
         if self.nested:
             return "dylora"
         return "dylora" if cfg.rebuild_scaling == "peft" else "preserve"

@@ -12,7 +12,10 @@ trains the mean of the rank-k sub-adapters, k in K = `matryoshka_ranks(cfg, r)`,
 rank-k sub-adapter is the first k components at alpha/k (the scaling a cut to rank k keeps,
 `cut_scaling` "dylora"). That mean is one LoRA with a fixed diagonal between A and B: component
 i (0-based) weighted by (1/|K|) sum_{k in K, k > i} alpha/k, so one forward pass at the cost of
-one LoRA step gives every prefix a gradient at every step.
+one LoRA step gives every prefix a gradient at every step. `matryoshka_weighting="sum"` trains
+the sum of the sub-adapters at the adapter's own scaling instead (component i weighted by the
+number of k in K above i), as MatryoshkaLoRA's reference code does by default; its cuts then keep
+the scaling ("preserve").
 """
 from __future__ import annotations
 
@@ -33,6 +36,9 @@ def rank_distribution(cfg: ExperimentConfig, r: int) -> torch.Tensor:
     inside = b >= cfg.dylora_r_min
     if cfg.dylora_distribution == "uniform":
         w = inside.double()
+    elif cfg.dylora_distribution == "ranks":  # the ranks the sweep evaluates, and r
+        ranks = torch.tensor(sorted({k for k in cfg.sweep_ranks if k <= r} | {r}), dtype=torch.float64)
+        w = (inside & torch.isin(b, ranks)).double()  # r >= dylora_r_min (validated): never all zero
     else:
         w = torch.where(inside, cfg.dylora_p * (1 - cfg.dylora_p) ** (b - cfg.dylora_r_min), 0.0)
     return w / w.sum()
@@ -101,9 +107,13 @@ def matryoshka_ranks(cfg: ExperimentConfig, r: int) -> list[int]:
 
 def matryoshka_weights(cfg: ExperimentConfig, r: int, alpha: float) -> torch.Tensor:
     """[r] multipliers on the components of a rank-r adapter at PEFT's scaling alpha/r that make
-    it the mean of the rank-k sub-adapters (first k components at alpha/k), k in K."""
+    it the mean of the rank-k sub-adapters (first k components at alpha/k), k in K; with
+    `matryoshka_weighting="sum"` their sum, each at the adapter's own scaling (component i
+    weighted by the number of k in K above i, MatryoshkaLoRA's reference default)."""
     ks = matryoshka_ranks(cfg, r)
     i = torch.arange(r, dtype=torch.float64)
+    if cfg.matryoshka_weighting == "sum":
+        return torch.stack([(i < k).double() for k in ks]).sum(0).float()
     per_k = torch.stack([torch.where(i < k, alpha / k, 0.0) for k in ks])  # [|K|, r]
     return (per_k.mean(0) / (alpha / r)).float()
 

@@ -132,9 +132,16 @@ def _shared_stage1(out_dir: Path, rd: Path, key: dict) -> Path | None:
     """Another run folder under `out_dir` whose finished Stage 1 has this key, or None."""
     for path in sorted(Path(out_dir).glob(f"*/seed{key['seed']}/{STAGE1_FILE}")):
         # a stage1.json without its adapter (adapters are not committed) cannot be shared
-        if path.parent != rd and (path.parent / "adapter_stage1").is_dir() and read_json(path)["key"] == key:
+        if path.parent != rd and (path.parent / "adapter_stage1").is_dir() and _same_key(read_json(path)["key"], key):
             return path.parent
     return None
+
+
+def _same_key(saved: dict, key: dict) -> bool:
+    """Whether a saved Stage-1 key is `key`; a config field added after it was saved counts as
+    its default (as `check_same_run` has it), so older Stage 1s are still shared."""
+    config = {k: v for k, v in key["config"].items() if k in saved.get("config", {}) or v != _DEFAULTS.get(k)}
+    return {**saved, "config": saved.get("config")} == {**key, "config": config}
 
 
 def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str | Path,

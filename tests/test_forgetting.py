@@ -146,6 +146,27 @@ def test_stage1_is_shared_only_under_the_same_stage1_settings(tmp_path, monkeypa
     assert "copied_from" not in read_json(run_dir(tmp_path / "other", "replay", 42) / "stage1.json")
 
 
+def test_a_stage1_saved_before_a_config_field_existed_is_still_shared(tmp_path, monkeypatch):
+    """A stage1.json key without a field added later (here matryoshka_weighting, removed by
+    hand) matches when the field is at its default, and not otherwise."""
+    from hybrid_lora.methods import get_method
+    from hybrid_lora.results import write_json_atomic
+    from hybrid_lora.runs import _same_key, stage1_key
+
+    cfg = three_stage()
+    run_experiment(cfg, "lora", 42, tmp_path, progress=False)
+    path = run_dir(tmp_path, "lora", 42) / "stage1.json"
+    saved = read_json(path)
+    del saved["key"]["config"]["matryoshka_weighting"]
+    write_json_atomic(path, saved)
+    run_experiment(cfg, "l2", 42, tmp_path, progress=False)
+    assert read_json(run_dir(tmp_path, "l2", 42) / "stage1.json")["copied_from"] == "lora/seed42"
+    key = read_json(run_dir(tmp_path, "l2", 42) / "stage1.json")["key"]
+    other = dataclasses.replace(cfg, matryoshka_weighting="sum")
+    assert not _same_key(saved["key"], {**key, "config": {**key["config"], "matryoshka_weighting": "sum"}})
+    assert stage1_key(other, get_method("lora"), 42, key["data"])["config"]["matryoshka_weighting"] == "sum"
+
+
 def test_a_stage1_record_without_its_adapter_is_not_shared(tmp_path):
     cfg = three_stage()
     lora = run_experiment(cfg, "lora", 42, tmp_path, progress=False)

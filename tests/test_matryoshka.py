@@ -87,3 +87,45 @@ def test_matryoshka_methods_run_the_schedule_and_save_adapters_at_alpha_over_k(t
     lora = run_experiment(cfg, "lora", 42, tmp_path, progress=False)
     matry = run_experiment(cfg, "matryoshka", 42, tmp_path, progress=False)
     assert matry["history"][0]["train_ce"] != lora["history"][0]["train_ce"]  # the weighting acts
+
+
+def test_sum_weighting_is_the_reference_codes_diag_mask():
+    """MatryoshkaLoRA's reference ("diag" mask, lora_scaling "none"): component i (0-based) carries
+    the number of train ranks k with k > i; K = 1, 2, 4, 8 on r = 8."""
+    cfg = tiny_config(matryoshka_weighting="sum")
+    assert matryoshka_weights(cfg, 8, cfg.lora_alpha).tolist() == [4, 3, 2, 2, 1, 1, 1, 1]
+    custom = tiny_config(matryoshka_weighting="sum", matryoshka_ranks=(2, 8))
+    assert matryoshka_weights(custom, 8, custom.lora_alpha).tolist() == [2, 2, 1, 1, 1, 1, 1, 1]
+
+
+def test_sum_weighting_trains_the_sum_of_sub_adapters_and_cuts_keep_the_scaling():
+    """Each module computes base(x) + sum_k s B[:, :k] A[:k] x (s = alpha / r, the adapter's own);
+    its cuts keep s ("preserve"), so the rank-k cut is the rank-k sub-adapter trained."""
+    from hybrid_lora.methods import get_method
+
+    cfg = tiny_config(lora_dropout=0.0, matryoshka_weighting="sum")
+    model, _ = build_model(cfg)
+    randomize_lora(model, scale=0.3)
+    model.eval()
+    ks = matryoshka_ranks(cfg, cfg.r)
+    x = torch.randn(3, cfg.tiny_n_embd, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), nested_training(model, cfg, "matryoshka") as nest:
+        nest.begin(nest.next_rank())
+        for name, a, b, s in lora_factors(model):
+            mod = model.get_submodule(name)
+            total = sum(s * x @ a[:k].T @ b[:, :k].T for k in ks)
+            torch.testing.assert_close(mod(x), mod.base_layer(x) + total, atol=1e-5, rtol=1e-5)
+    assert get_method("matryoshka").cut_scaling(cfg) == "preserve"
+    assert get_method("matryoshka").cut_scaling(tiny_config()) == "dylora"
+
+
+def test_a_sum_weighted_run_is_swept_at_its_own_scaling(tmp_path):
+    cfg = tiny_config(matryoshka_weighting="sum", sweep_ranks=(1, 2), sweep_kinds=("slice",))
+    run_experiment(cfg, "matryoshka", 42, tmp_path, progress=False)
+    rows = json.loads((tmp_path / "matryoshka" / "seed42" / "sweep.json").read_text())
+    assert {r["scaling"] for r in rows} == {"preserve"}
+
+
+def test_a_bad_weighting_is_named():
+    with pytest.raises(ValueError, match="matryoshka_weighting='max': must be one of \\('mean', 'sum'\\)"):
+        tiny_config(matryoshka_weighting="max")

@@ -103,6 +103,12 @@ def test_rank_distributions():
     g = rank_distribution(tiny_config(dylora_r_min=2, dylora_distribution="geometric", dylora_p=0.3), 8)
     raw = [0.0] + [0.3 * 0.7 ** (b - 2) for b in range(2, 9)]
     assert g.tolist() == pytest.approx([w / sum(raw) for w in raw])
+    # "ranks": uniform over the evaluated ranks at or below r (and r itself), from dylora_r_min
+    e = rank_distribution(tiny_config(dylora_distribution="ranks", sweep_ranks=(1, 2, 4, 16)), 8)
+    assert e.tolist() == [0.25, 0.25, 0, 0.25, 0, 0, 0, 0.25]
+    e = rank_distribution(tiny_config(dylora_distribution="ranks", sweep_ranks=(1, 2, 4), dylora_r_min=3,
+                                      rank_schedule=(8, 8, 8)), 8)
+    assert e.tolist() == [0, 0, 0, 0.5, 0, 0, 0, 0.5]
 
 
 def test_lora_svd_matches_the_full_matrix_svd():
