@@ -24,6 +24,8 @@ METHOD_NAMES = PAPER_METHODS + ("dylora_nested", "hybrid_nested", "lora_small", 
                                 "hybrid_matryoshka") + CL_METHODS
 # + budgeted rank allocation across modules by importance (allocation.py)
 METHOD_NAMES += ("dynamic", "dynamic_protect", "adalora")
+# + plain LoRA rotated into its SVD basis and trained nested for the last steps (rank flexibility)
+METHOD_NAMES += ("lora_svd_nested",)
 ALLOCATING_METHODS = ("dynamic", "dynamic_protect", "adalora")
 IMPORTANCES = ("sensitivity", "fisher", "activation")  # importance.py
 DYLORA_DISTRIBUTIONS = ("uniform", "geometric", "ranks")
@@ -76,7 +78,8 @@ DC_VARIANTS = ("global", "per_module", "delta_w")
 PRESETS = ("paper", "smoke", "forgetting", "rank_flex", "dynamic")
 FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "lr", "weight_decay", "lambda_order", "lambda_dc",
                 "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "dylora_p",
-                "alloc_tinit", "alloc_tfinal", "alloc_beta1", "alloc_beta2", "orth_reg_weight")
+                "alloc_tinit", "alloc_tfinal", "alloc_beta1", "alloc_beta2", "orth_reg_weight",
+                "svd_nest_fraction")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ class ExperimentConfig:
     # "sum": their sum, each at the adapter's own scaling (MatryoshkaLoRA's reference code: its
     # default lora_scaling "none" with the "diag" mask; cuts keep the scaling: "preserve")
     matryoshka_weighting: str = "mean"
+    svd_nest_fraction: float = 0.1  # method lora_svd_nested: the last share of a stage's steps, nested
     # budgeted allocation (methods dynamic*): every module starts at rank r; the budget falls to
     # the parameters of uniform rank rank_schedule[-1] on AdaLoRA's cubic schedule; names after
     # AdaLoraConfig's tinit / tfinal (here fractions of a stage's steps), deltaT, beta1, beta2
@@ -380,6 +384,8 @@ class ExperimentConfig:
             raise self._bad("dc_variant", f"must be one of {DC_VARIANTS}")
         if self.dylora_distribution not in DYLORA_DISTRIBUTIONS:
             raise self._bad("dylora_distribution", f"must be one of {DYLORA_DISTRIBUTIONS}")
+        if not 0 < self.svd_nest_fraction <= 1:
+            raise self._bad("svd_nest_fraction", "must be in (0, 1]: the share of a stage's steps trained nested")
         if self.matryoshka_weighting not in MATRYOSHKA_WEIGHTINGS:
             raise self._bad("matryoshka_weighting", f"must be one of {MATRYOSHKA_WEIGHTINGS}")
         if not 0.0 < self.dylora_p < 1.0:

@@ -31,6 +31,8 @@ class Method:
     adapter: str = "continue"   # "continue" the adapter; "add": merge it into the base and add a
     #                             new one each stage (freeze-and-add); "reset": a new one each
     #                             stage from the base alone (each domain trained on its own)
+    svd_nest: bool = False  # plain LoRA, then rotated into its SVD basis (same function) and nested
+    #                         for the last svd_nest_fraction of each stage's steps
     allocation: str | None = None  # budgeted rank allocation across modules (allocation/):
     #                                "budget" re-allocates every stage, "protect" freezes what
     #                                earlier stages kept and allocates the new stage elsewhere;
@@ -71,8 +73,8 @@ class Method:
         weighting (sub-adapters at the adapter's own scaling: "preserve"); the others keep each
         kept component's contribution ("preserve") unless cfg.rebuild_scaling says "peft".
         """
-        if self.nested == "matryoshka" and cfg.matryoshka_weighting == "sum":
-            return "preserve"  # each sub-adapter at the adapter's own scaling
+        if self.svd_nest or (self.nested == "matryoshka" and cfg.matryoshka_weighting == "sum"):
+            return "preserve"  # each sub-adapter at the adapter's own scaling (an SVD cut's)
         if self.nested:
             return "dylora"
         return "dylora" if cfg.rebuild_scaling == "peft" else "preserve"
@@ -84,6 +86,7 @@ class Method:
         # dynamic and dynamic_protect differ only from Stage 2 on
         allocation = "allocate" if self.allocation in ("budget", "protect") else self.allocation
         return (self.order, nested, self.small) + (("all",) if self.data == "all" else ()) \
+            + (("svd_nest",) if self.svd_nest else ()) \
             + ((allocation,) if allocation else ())
 
     def reads_target_rank(self) -> bool:
@@ -140,6 +143,10 @@ METHODS = {m.name: m for m in (
     Method("adalora", False, False, False, "PEFT's AdaLoRA (SVD-form adapter, its own sensitivity "
            "allocation from rank r to target_r = rank_schedule[-1] per module on average, orthogonality "
            "penalty); the schedule restarts each stage", allocation="adalora"),
+    Method("lora_svd_nested", False, False, True, "plain LoRA, rotated exactly into its SVD basis (the same "
+           "function) for the last svd_nest_fraction of each stage's steps, trained there with Matryoshka "
+           "weighting of sub-adapters at the adapter's own scaling; cuts keep the scaling (as SVD's)",
+           nested="matryoshka", svd_nest=True),
 )}
 assert tuple(METHODS) == METHOD_NAMES, "config.METHOD_NAMES and the method table disagree"
 

@@ -105,27 +105,28 @@ def matryoshka_ranks(cfg: ExperimentConfig, r: int) -> list[int]:
     return sorted({k for k in ks if k <= r} | {r})
 
 
-def matryoshka_weights(cfg: ExperimentConfig, r: int, alpha: float) -> torch.Tensor:
+def matryoshka_weights(cfg: ExperimentConfig, r: int, alpha: float, scaling: str = "dylora") -> torch.Tensor:
     """[r] multipliers on the components of a rank-r adapter at PEFT's scaling alpha/r that make
-    it the mean of the rank-k sub-adapters (first k components at alpha/k), k in K; with
-    `matryoshka_weighting="sum"` their sum, each at the adapter's own scaling (component i
-    weighted by the number of k in K above i, MatryoshkaLoRA's reference default)."""
+    it the mean (`matryoshka_weighting="sum"`: the sum) of the rank-k sub-adapters, k in K: the
+    first k components at the scaling a cut to rank k gives, alpha/k under `scaling` "dylora",
+    the adapter's own alpha/r under "preserve". Sum and "preserve" is MatryoshkaLoRA's reference
+    default (component i weighted by the number of k in K above i)."""
     ks = matryoshka_ranks(cfg, r)
     i = torch.arange(r, dtype=torch.float64)
-    if cfg.matryoshka_weighting == "sum":
-        return torch.stack([(i < k).double() for k in ks]).sum(0).float()
-    per_k = torch.stack([torch.where(i < k, alpha / k, 0.0) for k in ks])  # [|K|, r]
-    return (per_k.mean(0) / (alpha / r)).float()
+    per_k = torch.stack([torch.where(i < k, alpha / k if scaling == "dylora" else alpha / r, 0.0)
+                         for k in ks])  # [|K|, r]
+    total = per_k.sum(0) if cfg.matryoshka_weighting == "sum" else per_k.mean(0)
+    return (total / (alpha / r)).float()
 
 
 class MatryoshkaStep:
     """Matryoshka weighting for one model (one rank): the diagonal is set before every step and
     lifted for evaluation (`full`). Draws no random numbers; updates every component."""
 
-    def __init__(self, model, cfg: ExperimentConfig, mask: torch.Tensor):
+    def __init__(self, model, cfg: ExperimentConfig, mask: torch.Tensor, scaling: str = "dylora"):
         alpha = model.peft_config["default"].lora_alpha
         self.mask = mask
-        self.weights = matryoshka_weights(cfg, current_rank(model), alpha).to(mask.device)
+        self.weights = matryoshka_weights(cfg, current_rank(model), alpha, scaling).to(mask.device)
 
     def next_rank(self) -> None:
         return None
@@ -145,16 +146,19 @@ class MatryoshkaStep:
 
 
 @contextmanager
-def nested_training(model, cfg: ExperimentConfig, mode: str | None = "dylora"):
-    """Yield the step helper of `mode` ("dylora": NestedStep, "matryoshka": MatryoshkaStep) for
-    `model`, or None when `mode` is None; hooks are removed on exit."""
+def nested_training(model, cfg: ExperimentConfig, mode: str | None = "dylora", scaling: str | None = None):
+    """Yield the step helper of `mode` ("dylora": NestedStep, "matryoshka": MatryoshkaStep with
+    sub-adapters at the cut `scaling`; default the `matryoshka` method's) for `model`, or None
+    when `mode` is None; hooks are removed on exit."""
+    if scaling is None:
+        scaling = "preserve" if cfg.matryoshka_weighting == "sum" else "dylora"
     if mode is None:
         yield None
         return
     if mode not in ("dylora", "matryoshka"):
         raise ValueError(f"nested mode {mode!r}: must be 'dylora' or 'matryoshka'")
     with component_mask(model) as mask:
-        step = (NestedStep if mode == "dylora" else MatryoshkaStep)(model, cfg, mask)
+        step = NestedStep(model, cfg, mask) if mode == "dylora" else MatryoshkaStep(model, cfg, mask, scaling)
         try:
             yield step
         finally:

@@ -98,6 +98,17 @@ def cut_factors(factors, scalings, k: int, kind: str, multiplier: float = 1.0, s
     return svd_allocate(factors, scalings, k, svds)[0]
 
 
+def rotate_to_svd(model: nn.Module) -> None:
+    """Rewrite every module's LoRA factors, in place, as its SVD basis: A = sqrt(S) Vh, B = U sqrt(S)
+    with the singular values in falling order, so B A (the function) is unchanged up to float
+    rounding and component i is the i-th singular direction (a slice to k is the SVD cut to k)."""
+    with torch.no_grad():
+        for _, a, b, _ in lora_factors(model):
+            a_new, b_new = svd_truncate_factors(a.detach(), b.detach(), a.shape[0])
+            a.copy_(a_new)
+            b.copy_(b_new)
+
+
 @contextmanager
 def swapped_factors(model: nn.Module, factors: list[tuple[torch.Tensor, torch.Tensor]]):
     """Inside the block the model's LoRA A and B hold `factors`; the originals come back after."""

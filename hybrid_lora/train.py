@@ -25,6 +25,7 @@ from .families import enable_gradient_checkpointing
 from .losses import causal_lm_sums, orthogonality_penalty, ordering_penalty
 from .methods import Method
 from .nested import nested_training
+from .ranks import rotate_to_svd
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -213,6 +214,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                           progress)
         loop.tracking, loop.step_base = tracking, step_offset  # step of (epoch, 0): + (epoch - 1) * steps
         loop.steps_per_epoch = steps_per_epoch
+        total = len(ranks) * steps_per_epoch  # lora_svd_nested: rotated and nested from this step on
+        loop.nest_from = total - math.ceil(cfg.svd_nest_fraction * total) if method.svd_nest else 0
 
         def save(model, optimizer, position, sums=None) -> None:  # on every process; process 0 writes
             checkpoint(model, position, _stage_state(optimizer, scaler, alloc, n_proc, sums), rows)
@@ -289,6 +292,7 @@ class _StageLoop:
         self.device, self.amp_dtype, self.scaler, self.alloc = device, amp_dtype, scaler, alloc
         self.lam_order, self.n_proc, self.progress = lam_order, n_proc, progress
         self.tracking, self.step_base, self.steps_per_epoch = None, 0, 0  # set by train_stage
+        self.nest_from = 0  # the stage's first nested step (0-based; lora_svd_nested: after the rotation)
         # (AdaLoRA's A and B alone are not its update: no cosine for it)
         self.cos_ref = reference if reference is not None and method.adapter == "continue" \
             and method.allocation != "adalora" else None
@@ -322,12 +326,19 @@ class _StageLoop:
         n_batches, step = skip + len(train_loader), skip
         guard = FiniteGuard(device, stage, epoch)
         start = time.perf_counter() - sums["seconds"]
-        with nested_training(model, cfg, self.method.nested) as nest:
+        with nested_training(model, cfg, self.method.nested, self.method.cut_scaling(cfg)) as nest:
             model.train()
             batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
                            disable=not self.progress, initial=skip, total=n_batches)
             for batch in batches:
-                parts = self.step(model, optimizer, params, factors, terms, nest, batch, sums, guard, step)
+                at = (epoch - 1) * self.steps_per_epoch + step  # this step in the stage, 0-based
+                if self.method.svd_nest and at == self.nest_from:  # the same function, SVD-ordered
+                    rotate_to_svd(model)
+                    optimizer.state.clear()  # Adam's moments belong to the old basis
+                nest_now = nest if at >= self.nest_from else None
+                if nest is not None and nest_now is None:
+                    nest.full()  # plain LoRA steps before the nested ones
+                parts = self.step(model, optimizer, params, factors, terms, nest_now, batch, sums, guard, step)
                 step += 1
                 if cfg.report_to:
                     self.track(parts, rank, self.step_base + (epoch - 1) * self.steps_per_epoch + step)

@@ -93,9 +93,9 @@ def test_sum_weighting_is_the_reference_codes_diag_mask():
     """MatryoshkaLoRA's reference ("diag" mask, lora_scaling "none"): component i (0-based) carries
     the number of train ranks k with k > i; K = 1, 2, 4, 8 on r = 8."""
     cfg = tiny_config(matryoshka_weighting="sum")
-    assert matryoshka_weights(cfg, 8, cfg.lora_alpha).tolist() == [4, 3, 2, 2, 1, 1, 1, 1]
+    assert matryoshka_weights(cfg, 8, cfg.lora_alpha, "preserve").tolist() == [4, 3, 2, 2, 1, 1, 1, 1]
     custom = tiny_config(matryoshka_weighting="sum", matryoshka_ranks=(2, 8))
-    assert matryoshka_weights(custom, 8, custom.lora_alpha).tolist() == [2, 2, 1, 1, 1, 1, 1, 1]
+    assert matryoshka_weights(custom, 8, custom.lora_alpha, "preserve").tolist() == [2, 2, 1, 1, 1, 1, 1, 1]
 
 
 def test_sum_weighting_trains_the_sum_of_sub_adapters_and_cuts_keep_the_scaling():
@@ -129,3 +129,85 @@ def test_a_sum_weighted_run_is_swept_at_its_own_scaling(tmp_path):
 def test_a_bad_weighting_is_named():
     with pytest.raises(ValueError, match="matryoshka_weighting='max': must be one of \\('mean', 'sum'\\)"):
         tiny_config(matryoshka_weighting="max")
+
+
+def test_rotation_into_the_svd_basis_keeps_the_function_and_orders_the_components():
+    from hybrid_lora.ranks import rotate_to_svd
+
+    cfg = tiny_config(lora_dropout=0.0)
+    model, _ = build_model(cfg)
+    randomize_lora(model, scale=0.3)
+    model.eval()
+    ids = torch.randint(1, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        deltas = [s * b @ a for _, a, b, s in lora_factors(model)]
+        rotate_to_svd(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
+    for (_, a, b, s), delta in zip(lora_factors(model), deltas):
+        torch.testing.assert_close(s * b @ a, delta, atol=1e-5, rtol=1e-5)
+        sv = torch.linalg.svdvals(delta.double())[:a.shape[0]] / s  # of B A
+        norms = a.norm(dim=1).double() * b.norm(dim=0).double()  # ||A_i|| ||B_i|| = sigma_i
+        torch.testing.assert_close(norms, sv, atol=1e-4, rtol=1e-4)
+        gram = (a @ a.T).double()
+        torch.testing.assert_close(gram, torch.diag(torch.diag(gram)), atol=1e-5, rtol=0)
+
+
+def test_preserve_weights_are_sub_adapters_at_the_adapters_own_scaling():
+    cfg = tiny_config()
+    assert matryoshka_weights(cfg, 8, cfg.lora_alpha, "preserve").tolist() == pytest.approx(
+        [1, 0.75, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25])
+
+
+def test_lora_svd_nested_is_plain_lora_then_rotated_and_nested(tmp_path, monkeypatch):
+    """Stage 1 of 2 epochs x 4 steps, svd_nest_fraction 0.5: epoch 1 is plain LoRA's exactly; the
+    rotation comes before step 4 (0-based) and the nested weighting acts on steps 4..7 only."""
+    from hybrid_lora import train as train_mod
+    from hybrid_lora.methods import get_method
+
+    cfg = tiny_config(epochs_stage1=2, svd_nest_fraction=0.5, sweep_ranks=(1, 2), sweep_kinds=("slice", "svd"),
+                      rank_schedule=(8, 8, 8))
+    seen, real = [], train_mod.rotate_to_svd
+    monkeypatch.setattr(train_mod, "rotate_to_svd", lambda model: seen.append("rotate") or real(model))
+    begin = train_mod.nested_training
+
+    def spy(model, cfg_, mode, scaling=None):
+        ctx = begin(model, cfg_, mode, scaling)
+
+        class Wrap:
+            def __enter__(self):
+                self.step = ctx.__enter__()
+                if self.step is not None:
+                    real_begin = self.step.begin
+                    self.step.begin = lambda b=None: seen.append("nested") or real_begin(b)
+                return self.step
+
+            def __exit__(self, *exc):
+                return ctx.__exit__(*exc)
+        return Wrap()
+
+    monkeypatch.setattr(train_mod, "nested_training", spy)
+    nested = run_experiment(cfg, "lora_svd_nested", 42, tmp_path, progress=False)
+    monkeypatch.undo()
+    plain = run_experiment(cfg, "lora", 42, tmp_path, progress=False)
+    assert seen[:5] == ["rotate", "nested", "nested", "nested", "nested"]  # Stage 1: steps 4..7
+    assert nested["history"][0]["train_ce"] == plain["history"][0]["train_ce"]  # epoch 1: plain LoRA
+    assert nested["history"][1]["train_ce"] != plain["history"][1]["train_ce"]
+    rows = json.loads((tmp_path / "lora_svd_nested" / "seed42" / "sweep.json").read_text())
+    assert {r["scaling"] for r in rows} == {"preserve"}
+    assert get_method("lora_svd_nested").stage1_signature() != get_method("matryoshka").stage1_signature()
+    assert get_method("lora_svd_nested").cut_scaling(cfg) == "preserve"
+
+
+def test_lora_svd_nested_resumes_exactly_after_its_rotation(tmp_path, monkeypatch):
+    from test_resume import Interrupt, count_training_steps, finished_files
+
+    cfg = tiny_config(epochs_stage1=2, svd_nest_fraction=0.5, rank_schedule=(8, 8, 8), checkpoint_every=1,
+                      sweep_ranks=(2,))
+    run_experiment(cfg, "lora_svd_nested", 42, tmp_path / "whole", progress=False)
+    count_training_steps(monkeypatch, stop_at=7)  # after the rotation (step 4), before step 6 ends
+    with pytest.raises(Interrupt):
+        run_experiment(cfg, "lora_svd_nested", 42, tmp_path / "cut", progress=False)
+    count_training_steps(monkeypatch)
+    assert run_experiment(cfg, "lora_svd_nested", 42, tmp_path / "cut", progress=False)["complete"]
+    assert finished_files(tmp_path / "cut", "lora_svd_nested") == finished_files(tmp_path / "whole", "lora_svd_nested")
