@@ -27,6 +27,7 @@ _EXPORTS = {
                 "run_dir"),
     "analysis.sweep_results": ("load_sweeps", "rank_flex_table", "rank_sweep_table", "rank_table"),
     "analysis.rank_flex": ("rank_flex_benchmark",),
+    "analysis.paper_results": ("paper_claims", "paper_table", "stage2_curve"),
     "train": ("device_report",),
     "runs": ("resweep", "run_experiment"),
     "grid": ("run_all", "run_lambda_sweep"),

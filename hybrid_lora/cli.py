@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: the rank-flexibility benchmark (run with --ranks lora=1,2,...): per "
                             "rank the share of the gain of a LoRA trained at that rank, AURAC, time / LoRA, "
                             "seed-level CIs, lambdas chosen on validation texts; writes rank_flex_<adapter>_<domain>.csv")
+    table.add_argument("--paper", action="store_true",
+                       help="instead: the paper's table (A before / after, B, forgetting, retention, LoRA "
+                            "parameters; mean [95% t-interval] over seeds) and its claims as paired differences; "
+                            "writes paper_table.csv, paper_claims.csv, stage2_curve.csv")
     table.add_argument("--per-input", metavar="RUN",
                        help="instead: rank per input of RUN's per_input.json files (command per-input) against "
                             "fixed and random ranks at the same average, paired by seed; writes per_input_table.csv")

@@ -29,6 +29,8 @@ def table_command(args: argparse.Namespace) -> int:
     from .analysis.markdown import markdown_table
 
     results = Path(args.results)
+    if args.paper:
+        return paper_command(results, args.markdown)
     if args.per_input:
         return per_input_command(results, args.markdown, args.per_input)
     if args.allocation:
@@ -144,4 +146,27 @@ def per_input_command(results: Path, markdown: bool, run: str) -> int:
             print(table)
     path = write_table(results, "per_input_table.csv", table)
     print(f"written: {path}")
+    return 0
+
+
+def paper_command(results: Path, markdown: bool) -> int:
+    """`table --paper`: the paper's table, its claims as paired differences, the Stage-2 curve."""
+    from .analysis.markdown import markdown_table
+    from .analysis.paper_results import PAPER_COLUMNS, paper_claims, paper_table, stage2_curve
+
+    def spec(keys, columns, digits=".4f"):
+        return [(k, k if k != "n" else "n_seeds", "d" if k in ("n", "epoch", "rank") else "s") for k in keys] + \
+            [(label, (col, f"{col}_lo", f"{col}_hi"), digits) for col, label in columns.items()]
+
+    parts = [("The paper's table (loss in nats/token; mean [95% t-interval over seeds]):", paper_table(results),
+              spec(("run", "n"), PAPER_COLUMNS) + [("LoRA parameters", "lora_params", ",")], "paper_table.csv"),
+             ("Its claims, paired by seed (run a - run b; mean [95% t-interval]):", paper_claims(results),
+              spec(("claim", "runs", "n"), {"diff": "difference"}, "+.4f"), "paper_claims.csv"),
+             ("Stage 2 epoch by epoch (evaluation loss on B; mean [95% t-interval]):", stage2_curve(results),
+              spec(("run", "epoch", "rank", "n"), {"eval_loss": "eval loss on B"}), "stage2_curve.csv")]
+    for title, table, columns, name in parts:
+        print(title)
+        text = markdown_table(table, columns)
+        print(text if markdown else text.replace("|---", "").replace(" | ", "  ").strip("| \n"))
+        print(f"written: {write_table(results, name, table)}")
     return 0
