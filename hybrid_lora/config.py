@@ -152,6 +152,9 @@ class ExperimentConfig:
     alloc_tinit: float = 0.1    # share of a stage's steps before the budget starts to fall
     alloc_tfinal: float = 0.2   # share of a stage's steps trained at the final allocation
     alloc_delta_t: int = 5      # steps between re-allocations while the budget falls
+    alloc_regrow: bool = False  # masked components keep a live gradient (their A rows), so their
+    #                             scores follow their importance and they can come back; False:
+    #                             a plain 0 multiplier, under which masking is final in effect
     alloc_beta1: float = 0.85   # EMA of the importance estimates
     alloc_beta2: float = 0.85   # EMA of the sensitivity's uncertainty
     orth_reg_weight: float = 0.5  # method adalora: AdaLoraConfig's weight of ||P P^T - I|| terms
@@ -372,7 +375,7 @@ class ExperimentConfig:
         for kind in self.report_to:
             if kind not in REPORTERS:
                 raise self._bad("report_to", f"{kind!r} is not one of {REPORTERS} (or 'none')")
-        for name in ("keep_checkpoints", "dylora_frozen", "share_stage1", "gradient_checkpointing"):
+        for name in ("keep_checkpoints", "dylora_frozen", "share_stage1", "gradient_checkpointing", "alloc_regrow"):
             if not isinstance(getattr(self, name), bool):
                 raise self._bad(name, "must be True or False")
 

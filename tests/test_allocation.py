@@ -1,6 +1,7 @@
 """Budgeted rank allocation (methods dynamic, dynamic_protect): importance estimators against
 slow per-weight references, the budget never exceeded, masked components contributing nothing,
 the compact adapter reloading with its per-module ranks."""
+import dataclasses
 import math
 
 import pytest
@@ -146,16 +147,61 @@ def test_masked_components_contribute_nothing_and_keep_their_weights():
     alloc.close()
 
 
+@pytest.mark.parametrize("regrow", [True, False])
+def test_a_component_masked_early_comes_back_when_its_importance_rises(regrow):
+    """Component 3 of every module is masked first; then a loss that only component 3's output
+    direction carries (B's column 3 made large) is trained on. Under alloc_regrow its A row gets
+    the gradient it would get unmasked (the forward pass stays the masked one, and B gets none),
+    so its Fisher score rises and the next re-allocation keeps it; with a plain 0 multiplier it
+    gets no gradient, scores 0 and stays masked (so the test can tell the two apart)."""
+    cfg = all_linear(lora_dropout=0.0, importance="fisher", alloc_beta1=0.5, alloc_regrow=regrow)
+    model, _ = build_model(cfg)
+    model.train()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    randomize_lora(model, scale=0.1)
+    with torch.no_grad():
+        for _, a, b, _ in lora_factors(model):
+            b[:, 3] *= 50.0
+    alloc = Allocator(model, cfg, total=10)
+    alloc.masks = [torch.tensor([True, True, True, False] + [True] * (cfg.r - 4)) for _ in alloc.masks]
+    alloc._sync()
+    captured = []
+    hooks = [model.get_submodule(n).lora_B["default"].register_forward_hook(
+        lambda _m, _i, out: captured.append(out)) for n, *_ in lora_factors(model)]
+    ids = torch.randint(1, 257, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        masked_out = model(input_ids=ids).logits
+    captured.clear()
+    logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, masked_out)  # the forward pass is the masked one either way
+    loss = sum((out * b[:, 3].detach()).sum() for out, (_, _, b, _) in zip(captured, lora_factors(model)))
+    loss.backward()
+    for _, a, b, _ in lora_factors(model):
+        assert (a.grad[3].abs().sum() > 0) == regrow and b.grad[:, 3].abs().sum() == 0
+    alloc.observe()
+    scores = alloc.importance.scores("fisher")
+    budget = sum(c * (cfg.r - 1) for c in alloc.costs)  # room for all but one component per module
+    kept = mask_to_budget(scores, alloc.costs, budget)
+    assert all(bool(m[3]) == regrow for m in kept)
+    for h in hooks:
+        h.remove()
+    alloc.close()
+
+
 @pytest.fixture(scope="module")
 def dynamic_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dynamic")
     cfg = all_linear(methods=("dynamic", "dynamic_protect", "adalora"), rank_schedule=(4, 4, 4), alloc_delta_t=2)
     for method in cfg.methods:
         run_experiment(cfg, method, 42, out, progress=False)
+    run_experiment(dataclasses.replace(cfg, alloc_regrow=True), "dynamic", 42, out, progress=False,
+                   name="dynamic_regrow")
     return cfg, out
 
 
-@pytest.mark.parametrize("method", ["dynamic", "dynamic_protect"])
+@pytest.mark.parametrize("method", ["dynamic", "dynamic_protect", "dynamic_regrow"])
 def test_the_budget_is_never_exceeded_and_the_final_ranks_are_saved(dynamic_runs, method):
     cfg, out = dynamic_runs
     rd = run_dir(out, method, 42)

@@ -13,7 +13,11 @@ first, kept while their running cost fits the budget, so the budget is never exc
 
 Masked components are multiplied by 0 in the forward pass (a hook on lora_A's output) and keep
 their weights exactly (put back after each optimizer step, as Adam's momentum and weight decay
-would move them), so one may come back when its importance rises. At the end of a stage the
+would move them). With a plain multiplier their A row and B column get no gradient, so their
+sensitivity and Fisher scores decay and masking is final in effect. `cfg.alloc_regrow` keeps the
+gradient alive: the hook adds (out - out.detach()) on masked components, zero in value, so the
+forward pass is the masked one while the A row of a masked component gets the gradient it
+would get unmasked; its scores then follow its importance and it comes back when that rises. At the end of a stage the
 masked components are zeroed in the weights: the adapter then computes the masked function
 without hooks and saves as a rank-r PEFT adapter; `save_allocated` writes the compact one with
 PEFT's `rank_pattern`. A later stage first gives the zeroed components a fresh A row (PEFT's init)
@@ -72,6 +76,8 @@ class Allocator:
             [torch.zeros(r, dtype=torch.bool) for _ in layers]
         self.masks = [torch.ones(r, dtype=torch.bool) for _ in layers]
         self.on = [torch.ones(r, device=device) for _ in layers]  # the hooks' multipliers
+        self.off = [torch.zeros(r, device=device) for _ in layers]  # 1 on masked components
+        self.regrow = cfg.alloc_regrow
         self.train = [torch.ones(r, dtype=torch.bool, device=device) for _ in layers]  # updated ones
         self.importance = Importance(self.factors, [m.scaling[ADAPTER] for _, m in layers],
                                      cfg.alloc_beta1, cfg.alloc_beta2)
@@ -89,7 +95,14 @@ class Allocator:
         for i, (_, mod) in enumerate(layers):
             self.hooks.append(mod.register_forward_pre_hook(lambda m, args, i=i: self._see(m, args[0], i)))
             self.hooks.append(mod.lora_A[ADAPTER].register_forward_hook(
-                lambda _m, _inp, out, i=i: out * self.on[i]))
+                lambda _m, _inp, out, i=i: self._masked(out, i)))
+
+    def _masked(self, out: torch.Tensor, i: int) -> torch.Tensor:
+        """lora_A's output [..., r] of module i with the masked components at 0; under
+        `alloc_regrow` their gradient still reaches A (the added term is 0 in value)."""
+        if self.regrow and out.requires_grad:
+            return out * self.on[i] + (out - out.detach()) * self.off[i]
+        return out * self.on[i]
 
     def _trainable_params(self) -> int:
         """B_0: the parameters of every component that is not frozen."""
@@ -166,8 +179,9 @@ class Allocator:
     def _sync(self) -> None:
         """Copy the masks to the device once per change, not per step: the hooks' multipliers
         and the components each step updates (kept, not frozen)."""
-        for on, train, m, f in zip(self.on, self.train, self.masks, self.frozen):
+        for on, off, train, m, f in zip(self.on, self.off, self.train, self.masks, self.frozen):
             on.copy_(m)
+            off.copy_(~m)
             train.copy_(m & ~f)
 
     def close(self) -> None:
