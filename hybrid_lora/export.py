@@ -98,6 +98,10 @@ def export_run(run, out, adapter: str = "final", rank: int | None = None, cut: s
     if not path.is_dir():
         raise FileNotFoundError(f"--adapter {adapter}: {path} is not there; this run has "
                                 f"{run_adapters(run) or 'no adapter yet (has it finished a stage?)'}")
+    if method.adapter == "add" and adapter != "stage1":
+        raise ValueError(f"method {method.name}: {path} is trained on the base with the earlier stages' "
+                         "adapters merged in, so alone it is not the run's model; export --adapter stage1, "
+                         "or use the run's adapters in order (merge each into the base)")
     check_out(out)
     model = load_adapter(cfg, path)
     if is_adalora(model):

@@ -17,8 +17,6 @@ logged through the trainer's own `log` as the mean since the last log (`dc`, `pe
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from .adapters import current_rank, lora_factors
@@ -53,14 +51,14 @@ class LossTerms:
 def reference_after(cfg: ExperimentConfig, method: str, models: list, datasets: list | None = None) -> StageReference:
     """What the stage after `models` (the PEFT models after stages 1, 2, ...; the last is the
     previous adapter) is regularized against. EWC needs `datasets`: each earlier stage's
-    training sequences as `data.tokenize` gives them (cfg.ewc_samples of them are used). The
-    models are copied, so training the last one on does not move the reference."""
+    training sequences as `data.tokenize` gives them (cfg.ewc_samples of them are used). What is
+    kept are copies (of the LoRA factors, the Fisher), so training the last model on does not
+    move the reference, and no model is copied whole."""
     m = get_method(method)
     if m.penalty == "ewc" and not datasets:
         raise ValueError("EWC's Fisher needs each earlier stage's training sequences: "
                          "datasets=[tokenize(texts, tokenizer, max_length), ...]")
-    frozen = [copy.deepcopy(model) for model in models]
-    return reference_from(m, lambda k, trainable=False: frozen[k - 1], len(models), datasets or [],
+    return reference_from(m, lambda k, trainable=False: models[k - 1], len(models), datasets or [],
                           cfg.ewc_samples)
 
 

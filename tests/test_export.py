@@ -215,3 +215,12 @@ def test_export_errors_name_the_bad_value(runs, tmp_path, capsys):
     main(["export", str(run), "--out", str(tmp_path / "again")])
     assert main(["export", str(run), "--rank", "2", "--out", str(tmp_path / "again")]) == 0  # an export is replaced
     assert read_json(tmp_path / "again" / "export.json")["rank"] == 2
+
+
+def test_a_freeze_and_add_final_adapter_is_not_exported_alone(tmp_path, capsys):
+    cfg = tiny_config(epochs_stage2=1, rank_schedule=(8,), sweep_ranks=())
+    run_experiment(cfg, "freeze_add", 42, tmp_path, progress=False)
+    run = run_dir(tmp_path, "freeze_add", 42)
+    assert main(["export", str(run), "--out", str(tmp_path / "x")]) == 2
+    assert "alone it is not the run's model" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["export", str(run), "--adapter", "stage1", "--out", str(tmp_path / "s1")]) == 0
