@@ -68,7 +68,10 @@ def rank_flex_command(results: Path, markdown: bool, reference: str) -> int:
 
     from .analysis.markdown import markdown_table
     from .analysis.rank_flex import rank_flex_benchmark, rank_flex_markdown_spec
-    for adapter, domain in (("stage1", "A"), ("final", "B")):
+    from .analysis.sweep_results import load_sweeps
+
+    swept = set(load_sweeps(results)[["adapter", "domain"]].itertuples(index=False, name=None))
+    for adapter, domain in [pair for pair in (("stage1", "A"), ("final", "B")) if pair in swept]:
         table, ref = rank_flex_benchmark(results, adapter, domain, reference)
         print(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter on {domain}: share of the gain of "
               f"{reference} trained at each rank that a cut keeps (lambda chosen on validation texts):")

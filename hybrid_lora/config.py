@@ -356,8 +356,8 @@ class ExperimentConfig:
             raise self._bad("data_source", f"must be one of {DATA_SOURCES}")
         if self.data_source == "local" and not self.data_dir:
             raise self._bad("data_dir", "data_source='local' needs a data_dir")
-        if len(self.domains) < 2:
-            raise self._bad("domains", "give two or more domains: Stage 1, Stage 2, ...")
+        if not self.domains:
+            raise self._bad("domains", "give one or more domains: Stage 1, Stage 2, ...")
         if len(set(self.domains)) != len(self.domains):
             raise self._bad("domains", "every stage needs a different domain")
         for d in self.domains:

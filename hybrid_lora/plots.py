@@ -323,7 +323,8 @@ def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ())
     except FileNotFoundError:  # results made without rank sweeps
         return paths
     if sweeps["run"].str.fullmatch(r".+_r\d+").any():  # the rank-flexibility benchmark
-        for adapter, domain in (("stage1", "A"), ("final", "B")):
+        swept = set(sweeps[["adapter", "domain"]].itertuples(index=False, name=None))
+        for adapter, domain in [pair for pair in (("stage1", "A"), ("final", "B")) if pair in swept]:
             if want(f"rank_flex_{adapter}_{domain}"):
                 paths.append(save_figure(plot_rank_flex(out, adapter, domain),
                                          Path(image_dir) / f"rank_flex_{adapter}_{domain}.png"))

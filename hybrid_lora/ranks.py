@@ -208,7 +208,7 @@ def _first(entry: dict, n: int | None) -> dict:
 def sweep_run(run, cfg, loaders: dict, ranks, kinds, device, amp_dtype=None,
               progress: bool = True) -> list[dict]:
     """Sweep the saved adapters of one run folder (`adapter_stage1/`, `adapter_final/`, those
-    present) on `loaders` ({"A": eval loader of domain 1, "B": of domain 2, and optionally
+    present; a one-domain run's `adapter_final/` as "stage1") on `loaders` ({"A": eval loader of domain 1, "B": of domain 2, and optionally
     "A_val", "B_val": their validation loaders}), cut to the first
     `cfg.sweep_n_eval` sequences (None: all); merge the rows into `<run>/sweep.json` (a row with
     the same adapter, domain, kind, scaling and rank is replaced) and return all its rows.
@@ -224,8 +224,10 @@ def sweep_run(run, cfg, loaders: dict, ranks, kinds, device, amp_dtype=None,
     from .results import SEQUENCES_FILE
 
     run = Path(run)
-    adapters = {name: load_adapter(cfg, run / f"adapter_{name}", device)
-                for name in ("stage1", "final") if (run / f"adapter_{name}").exists()}
+    # a one-domain run's only adapter (adapter_final) is its Stage-1 adapter: swept as "stage1"
+    folders = {"stage1": "adapter_final"} if len(cfg.domains) == 1 else {n: f"adapter_{n}" for n in ("stage1", "final")}
+    adapters = {name: load_adapter(cfg, run / folder, device)
+                for name, folder in folders.items() if (run / folder).exists()}
     if not adapters:
         raise FileNotFoundError(f"no adapter_stage1/ or adapter_final/ in {run}")
     n = cfg.sweep_n_eval

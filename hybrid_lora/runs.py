@@ -217,7 +217,7 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
     write_json_atomic(rd / SEQUENCES_FILE, sequences, indent=None)  # the sweep reads it
     barrier()
     # (an allocated adapter has per-module ranks and unordered components: no uniform cut)
-    if cfg.sweep_ranks and cfg.sweep_kinds and len(cfg.domains) == 2 and m.adapter == "continue" \
+    if cfg.sweep_ranks and cfg.sweep_kinds and len(cfg.domains) <= 2 and m.adapter == "continue" \
             and not m.allocation:
         del model  # the sweep loads both adapters back from disk
         metrics.update(_final_sweep(run, "R_val" in sequences, device, progress))
@@ -398,9 +398,9 @@ def _final_sweep(run: _Run, with_val: bool, device, progress) -> dict:
     texts `with_val`: lambdas are chosen on them), into sweep.json; returns the SWEEP_KEYS."""
     cfg, m, loaders = run.cfg, run.m, run.loaders
     kinds = [(k, m.cut_scaling(cfg) if k == "slice" else "preserve") for k in cfg.sweep_kinds]
-    swept = {"A": loaders[0].eval, "B": loaders[1].eval}
+    swept = {d: ld.eval for d, ld in zip("AB", loaders)}  # one domain: A only
     if with_val:
-        swept.update({"A_val": loaders[0].val, "B_val": loaders[1].val})
+        swept.update({f"{d}_val": ld.val for d, ld in zip("AB", loaders)})
     sweep = sweep_run(run.rd, cfg, swept, cfg.sweep_ranks, kinds, device, run.amp_dtype, progress)
     return sweep_aucs(sweep, *sweep_reference(sweep), r_max=max(cfg.r, *cfg.sweep_ranks))
 

@@ -1,0 +1,60 @@
+"""A run on one domain (`domains=code`): Stage 1 only, its adapter swept as the Stage-1 adapter
+on A (as a two-domain run's), the rank-flexibility table and the figures made from it; what a
+per-domain rank study needs without paying for a Stage 2."""
+import math
+
+import pytest
+
+from hybrid_lora.cli import main
+from hybrid_lora.results import load_summary, read_json, run_dir
+from hybrid_lora.runs import run_experiment
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    cfg = tiny_config(domains=("code",), n_val=4, sweep_ranks=(1, 2, 4), sweep_kinds=("slice", "svd"))
+    for method in ("lora", "matryoshka"):
+        run_experiment(cfg, method, 42, out, progress=False)
+    for k in (1, 2, 4):
+        from hybrid_lora.grid import at_rank
+
+        run_experiment(at_rank(cfg, k), "lora", 42, out, progress=False, name=f"lora_r{k}")
+    return cfg, out
+
+
+def test_a_one_domain_run_evaluates_and_sweeps_its_adapter_on_a(one):
+    cfg, out = one
+    rd = run_dir(out, "lora", 42)
+    metrics = read_json(rd / "metrics.json")
+    assert metrics["R"]["domains"] == ["code"] and len(metrics["R"]["loss"]) == 2  # base, after Stage 1
+    assert metrics["R"]["loss"][1][0] < metrics["R"]["loss"][0][0]
+    assert not (rd / "adapter_stage1").exists() and (rd / "adapter_final").is_dir()
+    rows = read_json(rd / "sweep.json")
+    assert {(r["adapter"], r["domain"]) for r in rows} == {("stage1", "A"), ("stage1", "A_val")}
+    own = [r for r in rows if r["domain"] == "A" and r["rank"] == 8 and r["kind"] == "svd"]
+    assert own[0]["loss"] == pytest.approx(metrics["R"]["loss"][1][0])  # the uncut adapter: R's entry
+    assert not math.isnan(metrics["rank_auc_loss_stage1_A"])
+    assert [h["stage"] for h in read_json(rd / "history.json")] == [1] * cfg.epochs_stage1
+    summary = load_summary(out)
+    assert set(summary["run"]) == {"lora", "matryoshka", "lora_r1", "lora_r2", "lora_r4"}
+
+
+def test_the_rank_flex_table_and_figures_of_one_domain_runs(one, capsys, tmp_path):
+    cfg, out = one
+    assert main(["table", "--results", str(out), "--rank-flex"]) == 0
+    printed = capsys.readouterr().out
+    assert "Stage-1 adapter on A" in printed and "Final adapter on B" not in printed
+    assert (out / "rank_flex_stage1_A.csv").exists()
+    assert main(["plot", "--results", str(out), "--images", str(tmp_path / "img")]) == 0
+    assert any(p.suffix == ".png" for p in (tmp_path / "img").iterdir())
+
+
+def test_export_and_resweep_of_a_one_domain_run(one, tmp_path):
+    cfg, out = one
+    rd = run_dir(out, "lora", 42)
+    assert main(["sweep-ranks", "--run", str(rd), "--ranks", "3", "--kinds", "svd"]) == 0
+    assert any(r["rank"] == 3 and r["adapter"] == "stage1" for r in read_json(rd / "sweep.json"))
+    assert main(["export", str(rd), "--rank", "2", "--out", str(tmp_path / "x")]) == 0
