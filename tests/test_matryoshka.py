@@ -25,9 +25,14 @@ def test_weights_against_a_slow_formula():
         tiny_config(matryoshka_ranks=(0, 4))
 
 
-def test_forward_is_the_mean_of_the_sub_adapters_in_every_module():
-    """Each adapted module computes base(x) + (1/|K|) sum_k (alpha/k) B[:, :k] A[:k] x."""
-    cfg = tiny_config(lora_dropout=0.0)
+@pytest.mark.parametrize("weighting", ["mean", "sum"])
+def test_forward_is_the_mean_or_sum_of_the_sub_adapters_in_every_module(weighting):
+    """Each adapted module computes base(x) + (1/|K|) sum_k (alpha/k) B[:, :k] A[:k] x ("mean");
+    with "sum", base(x) + sum_k s B[:, :k] A[:k] x at the adapter's own scaling s = alpha / r,
+    whose cuts keep s ("preserve"), so the rank-k cut is the rank-k sub-adapter trained."""
+    from hybrid_lora.methods import get_method
+
+    cfg = tiny_config(lora_dropout=0.0, matryoshka_weighting=weighting)
     model, _ = build_model(cfg)
     randomize_lora(model, scale=0.3)
     model.eval()
@@ -35,14 +40,18 @@ def test_forward_is_the_mean_of_the_sub_adapters_in_every_module():
     x = torch.randn(3, cfg.tiny_n_embd, generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), nested_training(model, cfg, "matryoshka") as nest:
         nest.begin(nest.next_rank())
-        for name, a, b, _ in lora_factors(model):
+        for name, a, b, s in lora_factors(model):
             mod = model.get_submodule(name)
-            mean = sum(cfg.lora_alpha / k * x @ a[:k].T @ b[:, :k].T for k in ks) / len(ks)  # [3, out]
-            torch.testing.assert_close(mod(x), mod.base_layer(x) + mean, atol=1e-5, rtol=1e-5)
+            if weighting == "mean":
+                lora = sum(cfg.lora_alpha / k * x @ a[:k].T @ b[:, :k].T for k in ks) / len(ks)  # [3, out]
+            else:
+                lora = sum(s * x @ a[:k].T @ b[:, :k].T for k in ks)
+            torch.testing.assert_close(mod(x), mod.base_layer(x) + lora, atol=1e-5, rtol=1e-5)
         nest.full()  # evaluation: the uncut adapter at its own scaling alpha / r
         for name, a, b, s in lora_factors(model):
             mod = model.get_submodule(name)
             torch.testing.assert_close(mod(x), mod.base_layer(x) + s * x @ a.T @ b.T, atol=1e-5, rtol=1e-5)
+    assert get_method("matryoshka").cut_scaling(cfg) == ("dylora" if weighting == "mean" else "preserve")
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -96,27 +105,6 @@ def test_sum_weighting_is_the_reference_codes_diag_mask():
     assert matryoshka_weights(cfg, 8, cfg.lora_alpha, "preserve").tolist() == [4, 3, 2, 2, 1, 1, 1, 1]
     custom = tiny_config(matryoshka_weighting="sum", matryoshka_ranks=(2, 8))
     assert matryoshka_weights(custom, 8, custom.lora_alpha, "preserve").tolist() == [2, 2, 1, 1, 1, 1, 1, 1]
-
-
-def test_sum_weighting_trains_the_sum_of_sub_adapters_and_cuts_keep_the_scaling():
-    """Each module computes base(x) + sum_k s B[:, :k] A[:k] x (s = alpha / r, the adapter's own);
-    its cuts keep s ("preserve"), so the rank-k cut is the rank-k sub-adapter trained."""
-    from hybrid_lora.methods import get_method
-
-    cfg = tiny_config(lora_dropout=0.0, matryoshka_weighting="sum")
-    model, _ = build_model(cfg)
-    randomize_lora(model, scale=0.3)
-    model.eval()
-    ks = matryoshka_ranks(cfg, cfg.r)
-    x = torch.randn(3, cfg.tiny_n_embd, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad(), nested_training(model, cfg, "matryoshka") as nest:
-        nest.begin(nest.next_rank())
-        for name, a, b, s in lora_factors(model):
-            mod = model.get_submodule(name)
-            total = sum(s * x @ a[:k].T @ b[:, :k].T for k in ks)
-            torch.testing.assert_close(mod(x), mod.base_layer(x) + total, atol=1e-5, rtol=1e-5)
-    assert get_method("matryoshka").cut_scaling(cfg) == "preserve"
-    assert get_method("matryoshka").cut_scaling(tiny_config()) == "dylora"
 
 
 def test_a_sum_weighted_run_is_swept_at_its_own_scaling(tmp_path):
