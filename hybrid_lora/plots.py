@@ -25,6 +25,8 @@ def plot_stage_history(history, method: str, seed: int):
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     ax_loss.plot(run["step"], run["train_ce"], "o-", label="train CE")
     ax_loss.plot(run["step"], run["eval_loss"], "s-", label="eval loss (current domain)")
+    if run["val_loss"].notna().any():
+        ax_loss.plot(run["step"], run["val_loss"], "d--", label="validation loss (current domain)")
     ax_acc.plot(run["step"], run["eval_acc"], "^-", color="tab:green", label="eval token accuracy")
     for ax in (ax_loss, ax_acc):
         for stage in sorted(run["stage"].unique())[1:]:
@@ -44,6 +46,26 @@ def plot_stage_history(history, method: str, seed: int):
     ax_loss.set_ylabel("cross-entropy (nats / token)")
     ax_acc.set_ylabel("next-token accuracy")
     fig.suptitle(f"{method}, seed {seed}: training history (LoRA rank marked above each change)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_val_curves(history, title: str = ""):
+    """Validation loss per epoch of every run with validation texts, one line per run and seed
+    (e.g. a learning-rate grid: where each rate's curve stops falling chooses the epochs)."""
+    rows = history[history["val_loss"].notna()]
+    if rows.empty:
+        raise ValueError("no history rows with val_loss (runs made with n_val = 0)")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (run, seed), g in rows.groupby(["run", "seed"], sort=True):
+        g = g.sort_values("step")
+        ax.plot(g["step"], g["val_loss"], "o-", label=f"{run}, seed {seed}")
+    ax.set_xlabel("epoch (across stages)")
+    ax.set_xticks(sorted(rows["step"].unique()))
+    ax.set_ylabel("validation cross-entropy (nats / token)")
+    ax.set_title(title or "validation loss per epoch (lower is better)")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
@@ -293,6 +315,8 @@ def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ())
             if want(f"methods_{metric}"):
                 paths.append(save_figure(plot_method_comparison(summary, metric),
                                          Path(image_dir) / f"methods_{metric}.png"))
+    if history["val_loss"].notna().any() and want("val_curves"):
+        paths.append(save_figure(plot_val_curves(history), Path(image_dir) / "val_curves.png"))
     if history["cos_to_stage1"].notna().any() and want("cos_to_stage1"):
         paths.append(save_figure(plot_cos_to_stage1(history), Path(image_dir) / "cos_to_stage1.png"))
     if ((summary["run"] == BASELINE).any() and summary["run"].nunique() > 1

@@ -3,7 +3,8 @@
 Layout of one run: `<out>/<run>/seed<k>/` (`<run>` is the method, or e.g. `dc_lam1` in a
 lambda sweep) with
 - `config.json`   every ExperimentConfig field, plus `method`, `seed`, `schema_version`;
-- `history.json`  list of per-epoch rows with keys HISTORY_KEYS;
+- `history.json`  list of per-epoch rows with keys HISTORY_KEYS (`val_loss`, `val_acc`: None
+                  when n_val = 0; absent in files written before they were added);
 - `metrics.json`  written by `run_metrics`: `R` = {"domains", "loss", "acc"}: R[t][i] on
                   domain i after stage t (t = 0 the base model); `R_val` the same on the
                   validation texts (carved from the training pool) when n_val > 0; the
@@ -46,8 +47,8 @@ SCHEMA_VERSION = 4
 #    list, now `gain_retained_per_domain`); rank AUCs are shares of the gain over the base
 #    (SWEEP_KEYS; the old accuracy-normalised `rank_auc_*` keys are not read); `R_val`.
 HISTORY_KEYS = ("stage", "epoch", "rank", "train_ce", "train_order", "train_dc", "train_penalty",
-                "eval_loss", "eval_acc", "cos_to_stage1", "dc_end", "dc_grad_norm", "penalty_end",
-                "penalty_grad_norm", "trainable_params", "seconds", "train_seconds")
+                "eval_loss", "eval_acc", "val_loss", "val_acc", "cos_to_stage1", "dc_end", "dc_grad_norm",
+                "penalty_end", "penalty_grad_norm", "trainable_params", "seconds", "train_seconds")
 STAGE1_FILE = "stage1.json"            # Stage 1's key, history and evaluations (for sharing it)
 SEQUENCES_FILE = "eval_sequences.json"  # per-sequence sums behind every entry of R
 ALLOCATION_FILE = "allocation.json"     # per-epoch ranks and importance of allocating methods
@@ -398,14 +399,17 @@ def cl_metrics(acc: list[list[float]], loss: list[list[float]],
     return out
 
 
-def train_seconds(out: str | Path) -> dict[tuple[str, int], float]:
+def train_seconds(out: str | Path, total: bool = False) -> dict[tuple[str, int], float]:
     """{(run name, seed): its fastest epoch's `train_seconds`} for finished runs that have them.
     The fastest, not the sum: other work on the machine only ever slows an epoch down, and every
-    epoch of these runs does the same work (same number of fixed-length batches)."""
+    epoch of these runs does the same work (same number of fixed-length batches). `total=True`:
+    the sum over the run's epochs instead, for runs whose epochs differ in work (lora_svd_nested
+    nests only its last steps); valid only for runs that trained alone and unpaused."""
     seconds = {}
     for run in finished_runs(out):
         history = read_json(run / "history.json")
         if history and all("train_seconds" in row for row in history):
             seed = read_json(run / "config.json")["seed"]
-            seconds[run.parent.name, seed] = min(row["train_seconds"] for row in history)
+            times = [row["train_seconds"] for row in history]
+            seconds[run.parent.name, seed] = sum(times) if total else min(times)
     return seconds

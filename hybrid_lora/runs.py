@@ -352,7 +352,8 @@ def _train_stages(run: _Run, model, position, state, seed: int, key: dict, devic
                                   loaders[stage - 1].eval, m.stage_ranks(cfg, stage),
                                   reference=reference, amp_dtype=run.amp_dtype, progress=progress,
                                   resume=resume, checkpoint=run.checkpoint, evaluate_last=False,
-                                  tracking=run.tracking, step_offset=offsets[stage - 1])
+                                  tracking=run.tracking, step_offset=offsets[stage - 1],
+                                  val_loader=loaders[stage - 1].val if cfg.n_val else None)
         del run.evals[stage:], run.val_evals[stage:]
         run.evaluate_all(model)
         if run.tracking is not None:  # the R row; the last epoch's evaluation is its own domain's
@@ -363,6 +364,9 @@ def _train_stages(run: _Run, model, position, state, seed: int, key: dict, devic
         # the last epoch's evaluation is this row of R: the same model on the same loader
         if rows:
             rows[-1].update(eval_loss=run.evals[-1][stage - 1]["loss"], eval_acc=run.evals[-1][stage - 1]["acc"])
+            if cfg.n_val:  # and R_val's row the last epoch's validation point
+                rows[-1].update(val_loss=run.val_evals[-1][stage - 1]["loss"],
+                                val_acc=run.val_evals[-1][stage - 1]["acc"])
         run.history[:] = [h for h in run.history if h["stage"] < stage] + rows
         _save_stage(model, run, stage)
         if stage == 1:

@@ -173,7 +173,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                 ranks: tuple[int, ...], reference: StageReference | None = None,
                 amp_dtype: torch.dtype | None = None,
                 progress: bool = True, resume: dict | None = None, checkpoint=None,
-                evaluate_last: bool = True, tracking=None, step_offset: int = 0):
+                evaluate_last: bool = True, tracking=None, step_offset: int = 0, val_loader=None):
     """Train one stage, one epoch per entry of `ranks`; returns (model, history rows).
 
     Before an epoch whose rank is below the model's, the model is rebuilt at that rank
@@ -187,6 +187,8 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
     `train_loader.sampler` must be an `EpochSampler` (each epoch's order rebuilt on its own).
     Each epoch ends with an evaluation on `eval_loader`; `evaluate_last=False` leaves the last
     epoch's `eval_loss` / `eval_acc` None, for a caller that evaluates the model there anyway.
+    With `val_loader` (the validation texts) each epoch is also evaluated there (`val_loss`,
+    `val_acc`: the curve an epoch count is chosen on); None leaves them None.
 
     `checkpoint(model, position, state, rows)` is called every `cfg.checkpoint_every` steps
     and after each epoch. `resume` ({"epoch", "step", "rows", "state"} from such a call)
@@ -228,7 +230,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
                 optimizer = make_optimizer(model, cfg)
             skip = start_step if epoch == start_epoch else 0
             last = epoch == len(ranks) and not evaluate_last
-            row = loop.epoch(model, optimizer, epoch, rank, train_loader, eval_loader, skip,
+            row = loop.epoch(model, optimizer, epoch, rank, train_loader, (eval_loader, val_loader), skip,
                              saved_sums if skip else None, save if checkpoint else None, skip_eval=last)
             rows.append(row)
             if tracking is not None:
@@ -312,11 +314,12 @@ class _StageLoop:
             terms["penalty"] = lambda: cfg.orth_reg_weight * orthogonality_penalty(factors)
         return params, factors, w_prev, terms
 
-    def epoch(self, model, optimizer, epoch: int, rank: int, train_loader, eval_loader, skip: int,
+    def epoch(self, model, optimizer, epoch: int, rank: int, train_loader, eval_loaders, skip: int,
               saved_sums, save, skip_eval: bool) -> dict:
         """Train epoch `epoch` at `rank` from step `skip` (with the interrupted epoch's
         `saved_sums`), calling `save(model, optimizer, position, sums)` every checkpoint_every
-        steps; evaluate on `eval_loader` unless `skip_eval`. Returns the history row."""
+        steps; evaluate on `eval_loaders` (evaluation texts, validation texts or None) unless
+        `skip_eval`. Returns the history row."""
         cfg, stage, device = self.cfg, self.stage, self.device
         params, factors, w_prev, terms = self.setup(model, optimizer, rank)
         sums = _zero_sums(device)
@@ -354,8 +357,8 @@ class _StageLoop:
             if nest is not None:
                 nest.full()
             train_seconds = time.perf_counter() - start  # the steps (and checkpoints), no evaluation
-            ev = {"loss": None, "acc": None} if skip_eval else evaluate_loss_and_token_acc(model, eval_loader,
-                                                                                           self.amp_dtype)
+            ev = [{"loss": None, "acc": None} if skip_eval or loader is None
+                  else evaluate_loss_and_token_acc(model, loader, self.amp_dtype) for loader in eval_loaders]
         return self.history_row(model, epoch, rank, factors, w_prev, terms, sums, ev, start, train_seconds)
 
     def step(self, model, optimizer, params, factors, terms, nest, batch, sums, guard, step: int) -> None:
@@ -409,7 +412,8 @@ class _StageLoop:
                                "train/rank": rank}, step)
 
     def history_row(self, model, epoch, rank, factors, w_prev, terms, sums, ev, start, train_seconds) -> dict:
-        """The epoch's row of history.json (HISTORY_KEYS): mean train terms, evaluation, cosine to
+        """The epoch's row of history.json (HISTORY_KEYS): mean train terms, evaluations `ev`
+        ([evaluation texts, validation texts]), cosine to
         the previous stage's adapter, the regularizers' end values and gradient norms, times."""
         cos = None
         if w_prev is not None:
@@ -424,7 +428,8 @@ class _StageLoop:
             "train_ce": (sums["ce"] / sums["tokens"].clamp(min=1)).item(),
             "train_order": sums["order"].item() / steps, "train_dc": sums["dc"].item() / steps,
             "train_penalty": sums["penalty"].item() / steps,
-            "eval_loss": ev["loss"], "eval_acc": ev["acc"], "cos_to_stage1": cos,
+            "eval_loss": ev[0]["loss"], "eval_acc": ev[0]["acc"], "val_loss": ev[1]["loss"], "val_acc": ev[1]["acc"],
+            "cos_to_stage1": cos,
             "dc_end": dc_end, "dc_grad_norm": dc_grad,
             "penalty_end": pen_end, "penalty_grad_norm": pen_grad,
             "trainable_params": count_trainable_params(model),

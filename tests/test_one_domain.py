@@ -58,3 +58,19 @@ def test_export_and_resweep_of_a_one_domain_run(one, tmp_path):
     assert main(["sweep-ranks", "--run", str(rd), "--ranks", "3", "--kinds", "svd"]) == 0
     assert any(r["rank"] == 3 and r["adapter"] == "stage1" for r in read_json(rd / "sweep.json"))
     assert main(["export", str(rd), "--rank", "2", "--out", str(tmp_path / "x")]) == 0
+
+
+def test_each_epoch_is_evaluated_on_the_validation_texts(tmp_path):
+    """The curve an epoch count is chosen on: epoch 1's `val_loss` of a 2-epoch run is R_val of
+    a 1-epoch run with the same seed (a constant learning rate: the same model after epoch 1);
+    the last epoch's is the run's own R_val entry. Without validation texts both stay None."""
+    cfg = tiny_config(domains=("code",), n_val=4, epochs_stage1=2, sweep_ranks=())
+    two = run_experiment(cfg, "lora", 42, tmp_path / "two", progress=False)
+    one = run_experiment(tiny_config(domains=("code",), n_val=4, epochs_stage1=1, sweep_ranks=()), "lora", 42,
+                         tmp_path / "one", progress=False)
+    r_val = lambda out: read_json(run_dir(out, "lora", 42) / "metrics.json")["R_val"]["loss"][1][0]  # noqa: E731
+    assert [h["val_loss"] for h in two["history"]] == pytest.approx([r_val(tmp_path / "one"), r_val(tmp_path / "two")],
+                                                                    rel=1e-6)
+    assert two["history"][0]["val_loss"] != pytest.approx(two["history"][1]["val_loss"], rel=1e-6)
+    plain = run_experiment(tiny_config(domains=("code",), sweep_ranks=()), "lora", 42, tmp_path / "none", progress=False)
+    assert [(h["val_loss"], h["val_acc"]) for h in plain["history"]] == [(None, None)]

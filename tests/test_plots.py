@@ -9,7 +9,8 @@ from matplotlib.container import BarContainer
 matplotlib.use("Agg")
 
 from hybrid_lora.cli import main  # noqa: E402
-from hybrid_lora.plots import plot_cos_to_stage1, plot_method_comparison, plot_stage_history  # noqa: E402
+from hybrid_lora.plots import (plot_cos_to_stage1, plot_method_comparison, plot_stage_history,  # noqa: E402
+                               plot_val_curves)
 from hybrid_lora.results import load_history, load_summary, read_json, write_json_atomic  # noqa: E402
 from conftest import write_fake_run  # noqa: E402
 
@@ -119,3 +120,22 @@ def test_metrics_table_and_unfinished_history(results, tmp_path):
         load_history(tmp_path)
     partial = load_history(tmp_path, unfinished=True)
     assert list(partial["step"]) == [1, 2] and set(partial["method"]) == {"dc"}
+
+
+def test_val_curves_draw_each_runs_validation_loss_per_epoch(tmp_path):
+    """One line per run and seed with the history's val_loss; runs without validation texts
+    (val_loss absent, as in files from before it existed) draw nothing and give no figure."""
+    for run, vals in (("lora_lr1e-3", [3.0, 2.9, 2.95]), ("lora_lr3e-4", [3.2, 3.1, 3.05]), ("old", None)):
+        hist = [{"stage": 1, "epoch": e + 1, "rank": 8, "train_ce": 3.0, "eval_loss": 3.0, "eval_acc": 0.3,
+                 "trainable_params": 1, "seconds": 1.0, **({"val_loss": vals[e]} if vals else {})}
+                for e in range(3)]
+        ev = {"loss": 3.0, "acc": 0.3}
+        write_fake_run(tmp_path / run / "seed42", "lora", 42, {k: ev for k in ("A_base", "B_base", "A_after_stage1",
+                                                                          "A_after_stage2", "B_after_stage2")}, hist)
+    history = load_history(tmp_path)
+    fig = plot_val_curves(history)
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in fig.axes[0].get_lines()}
+    assert lines == {"lora_lr1e-3, seed 42": [3.0, 2.9, 2.95], "lora_lr3e-4, seed 42": [3.2, 3.1, 3.05]}
+    assert fig.axes[0].get_xlabel() and fig.axes[0].get_ylabel() and fig.axes[0].get_title()
+    with pytest.raises(ValueError, match="val_loss"):
+        plot_val_curves(history[history["run"] == "old"])

@@ -127,3 +127,20 @@ def test_aurac_is_compared_with_svd_of_the_reference_paired_by_seed(bench):
     assert t.loc[("lora", "svd"), "d_aurac"] == 0.0
     plain = rank_flex_benchmark(bench, "final", "B", versus="none")[0]  # no such cut: NaN, not 0
     assert plain["d_aurac"].isna().all()
+
+
+def test_lora_svd_nested_is_timed_by_all_its_epochs(bench):
+    """Its nested steps are in its last epoch only: the fastest epoch would hide their cost, so
+    its time ratio is the sum of its epochs over the sum of the reference's."""
+    import shutil
+
+    for seed in (1, 2):
+        d = bench / "lora_svd_nested" / f"seed{seed}"
+        shutil.copytree(bench / "lora" / f"seed{seed}", d)
+        config = d / "config.json"
+        config.write_text(config.read_text().replace('"method": "lora"', '"method": "lora_svd_nested"'))
+        write_json_atomic(d / "history.json", [{"stage": 1, "epoch": 1, "seconds": 1.0, "train_seconds": 30.0},
+                                               {"stage": 2, "epoch": 1, "seconds": 1.0, "train_seconds": 14.0}])
+    t = rank_flex_benchmark(bench, "final", "B")[0].set_index("run")
+    assert t.loc["lora_svd_nested", "time"] == pytest.approx((30.0 + 14.0) / (30.0 + 10.0))
+    assert t.loc["matryoshka", "time"] == pytest.approx(1.1)  # the others still by their fastest epoch
