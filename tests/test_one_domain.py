@@ -74,3 +74,19 @@ def test_each_epoch_is_evaluated_on_the_validation_texts(tmp_path):
     assert two["history"][0]["val_loss"] != pytest.approx(two["history"][1]["val_loss"], rel=1e-6)
     plain = run_experiment(tiny_config(domains=("code",), sweep_ranks=()), "lora", 42, tmp_path / "none", progress=False)
     assert [(h["val_loss"], h["val_acc"]) for h in plain["history"]] == [(None, None)]
+
+
+def test_the_validation_point_leaves_the_training_stream_alone(tmp_path, monkeypatch):
+    """The per-epoch validation point draws no random number the training uses (LoRA dropout
+    in epoch 2 is that of a run without it): the same losses and the same R."""
+    import hybrid_lora.runs as runs
+
+    cfg = tiny_config(domains=("code",), n_val=4, epochs_stage1=2, sweep_ranks=())
+    assert cfg.lora_dropout > 0  # dropout is what reads the stream
+    with_val = run_experiment(cfg, "lora", 42, tmp_path / "with", progress=False)
+    real = runs.train_stage
+    monkeypatch.setattr(runs, "train_stage", lambda *a, **k: real(*a, **{**k, "val_loader": None}))
+    without = run_experiment(cfg, "lora", 42, tmp_path / "without", progress=False)
+    assert with_val["history"][0]["val_loss"] is not None and without["history"][0]["val_loss"] is None
+    assert [h["train_ce"] for h in with_val["history"]] == [h["train_ce"] for h in without["history"]]
+    assert with_val["metrics"]["R"] == without["metrics"]["R"]
