@@ -57,9 +57,15 @@ def plot_val_curves(history, title: str = ""):
     if rows.empty:
         raise ValueError("no history rows with val_loss (runs made with n_val = 0)")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (run, seed), g in rows.groupby(["run", "seed"], sort=True):
-        g = g.sort_values("step")
-        ax.plot(g["step"], g["val_loss"], "o-", label=f"{run}, seed {seed}")
+    groups = [(key, g.sort_values("step")) for key, g in rows.groupby(["run", "seed"], sort=True)]
+    low = rows["val_loss"].min()
+    top = max(g["val_loss"].iloc[0] for _, g in groups)  # a diverging run would flatten the rest
+    top += 0.25 * (top - low) or 0.1
+    for (run, seed), g in groups:
+        off = g["val_loss"].max() > top
+        ax.plot(g["step"], g["val_loss"], "o-",
+                label=f"{run}, seed {seed}" + (f" (off the scale: up to {g['val_loss'].max():.2f})" if off else ""))
+    ax.set_ylim(low - 0.1 * (top - low), top)
     ax.set_xlabel("epoch (across stages)")
     ax.set_xticks(sorted(rows["step"].unique()))
     ax.set_ylabel("validation cross-entropy (nats / token)")
