@@ -399,17 +399,19 @@ def cl_metrics(acc: list[list[float]], loss: list[list[float]],
     return out
 
 
-def train_seconds(out: str | Path, total: bool = False) -> dict[tuple[str, int], float]:
-    """{(run name, seed): its fastest epoch's `train_seconds`} for finished runs that have them.
-    The fastest, not the sum: other work on the machine only ever slows an epoch down, and every
-    epoch of these runs does the same work (same number of fixed-length batches). `total=True`:
-    the sum over the run's epochs instead, for runs whose epochs differ in work (lora_svd_nested
-    nests only its last steps); valid only for runs that trained alone and unpaused."""
+def epoch_seconds(out: str | Path) -> dict[tuple[str, int], tuple[str, list[float]]]:
+    """{(run name, seed): (method, each epoch's `train_seconds`)} for finished runs that have them."""
     seconds = {}
     for run in finished_runs(out):
         history = read_json(run / "history.json")
         if history and all("train_seconds" in row for row in history):
-            seed = read_json(run / "config.json")["seed"]
-            times = [row["train_seconds"] for row in history]
-            seconds[run.parent.name, seed] = sum(times) if total else min(times)
+            config = read_json(run / "config.json")
+            seconds[run.parent.name, config["seed"]] = (config["method"], [row["train_seconds"] for row in history])
     return seconds
+
+
+def train_seconds(out: str | Path) -> dict[tuple[str, int], float]:
+    """{(run name, seed): its fastest epoch's `train_seconds`} for finished runs that have them.
+    The fastest, not the sum: other work on the machine only ever slows an epoch down, and every
+    epoch of these runs does the same work (same number of fixed-length batches)."""
+    return {key: min(times) for key, (_, times) in epoch_seconds(out).items()}

@@ -353,7 +353,7 @@ def _train_stages(run: _Run, model, position, state, seed: int, key: dict, devic
                                   reference=reference, amp_dtype=run.amp_dtype, progress=progress,
                                   resume=resume, checkpoint=run.checkpoint, evaluate_last=False,
                                   tracking=run.tracking, step_offset=offsets[stage - 1],
-                                  val_loader=loaders[stage - 1].val if cfg.n_val else None)
+                                  val_loader=loaders[stage - 1].val)
         del run.evals[stage:], run.val_evals[stage:]
         run.evaluate_all(model)
         if run.tracking is not None:  # the R row; the last epoch's evaluation is its own domain's

@@ -12,8 +12,9 @@ trained at rank k, L_base the base model, all on the same texts. AURAC is the ar
 over log2 k from the smallest to the largest rank, divided by that width (trapezoids): 1.0 =
 as good as a LoRA trained at every rank. The time ratio is the run's fastest epoch (training
 steps without the evaluation, `train_seconds`) over that of the plain reference run of the same
-seed; for a method whose epochs differ in work (UNEVEN_EPOCHS: lora_svd_nested nests only the
-last steps) the sum over all epochs of both, so valid for runs that trained alone, unpaused. `d_aurac` is the paired comparison with the baseline that costs no extra training (the
+seed; for a method whose epochs differ in work (`svd_nest`: lora_svd_nested nests only its last
+steps) the sum over all epochs of both, valid for runs that trained alone and unpaused.
+`d_aurac` is the paired comparison with the baseline that costs no extra training (the
 reference cut by SVD): per seed, the run's AURAC minus that baseline's, so a method is better
 only where this interval excludes zero. Every number is a mean with a t-interval over seeds.
 A method swept over a lambda is reported at the lambda with the best mean AURAC on the
@@ -26,13 +27,12 @@ import math
 import re
 from pathlib import Path
 
-from ..results import read_json, train_seconds
+from ..methods import get_method
+from ..results import epoch_seconds, read_json
 from .stats import paired_t_interval
 from .sweep_results import load_sweeps
 
 _LAMBDA = re.compile(r"(.+)_lam[0-9.e+-]+$")
-# methods whose epochs differ in work: timed by the sum of their epochs, not the fastest one
-UNEVEN_EPOCHS = ("lora_svd_nested",)
 
 
 def _rank_of(run: str, reference: str) -> int | None:
@@ -48,6 +48,15 @@ def aurac(kept: dict[int, float]) -> float:
     xs = [math.log2(k) for k in ranks]
     area = sum((xs[i + 1] - xs[i]) * (kept[ranks[i]] + kept[ranks[i + 1]]) / 2 for i in range(len(xs) - 1))
     return area / (xs[-1] - xs[0])
+
+
+def _time_ratio(run: tuple[str, list[float]], reference: tuple[str, list[float]]) -> float:
+    """Training time of `run` over `reference`, each (method, epoch seconds): fastest epoch over
+    fastest epoch, or all epochs over all epochs for a method whose epochs differ in work."""
+    (method, times), (_, ref_times) = run, reference
+    if get_method(method).svd_nest:
+        return sum(times) / sum(ref_times)
+    return min(times) / min(ref_times)
 
 
 def per_seed_shares(sweeps, adapter: str, domain: str, reference: str = "lora", key: str = "loss"):
@@ -135,8 +144,7 @@ def rank_flex_benchmark(out: str | Path, adapter: str = "stage1", domain: str = 
     val_domain = f"{domain}_val"
     chosen = (choose_lambdas(sweeps, adapter, val_domain, reference)
               if val_domain in set(sweeps["domain"]) else {})
-    seconds, totals = train_seconds(out), train_seconds(out, total=True)
-    methods = {p.parent.parent.name: read_json(p)["method"] for p in Path(out).glob("*/seed*/config.json")}
+    seconds = epoch_seconds(out)
     ranks = sorted(next(iter(ref_loss.values())))
     baseline = next((v for (run, kind, _), v in shares.items() if (run, kind) == (reference, versus)), {})
     rows = []
@@ -154,9 +162,8 @@ def rank_flex_benchmark(out: str | Path, adapter: str = "stage1", domain: str = 
         acc = acc_shares.get((run, kind, scaling), {})
         row["aurac_acc"], row["aurac_acc_lo"], row["aurac_acc_hi"] = \
             paired_t_interval([aurac(v) for v in acc.values()], level)
-        clock = totals if methods.get(run) in UNEVEN_EPOCHS else seconds
-        ratios = [clock[run, s] / clock[reference, s] for s in per_seed
-                  if (run, s) in clock and (reference, s) in clock]
+        ratios = [_time_ratio(seconds[run, s], seconds[reference, s]) for s in per_seed
+                  if (run, s) in seconds and (reference, s) in seconds]
         row["time"], row["time_lo"], row["time_hi"] = paired_t_interval(ratios, level)
         rows.append(row)
     ref_row = {"run": f"{reference}_r<k>", "kind": "trained", "scaling": "", "n_seeds": len(ref_loss),
