@@ -4,7 +4,8 @@ Layout of one run: `<out>/<run>/seed<k>/` (`<run>` is the method, or e.g. `dc_la
 lambda sweep) with
 - `config.json`   every ExperimentConfig field, plus `method`, `seed`, `schema_version`;
 - `history.json`  list of per-epoch rows with keys HISTORY_KEYS (`val_loss`, `val_acc`: None
-                  when n_val = 0; absent in files written before they were added);
+                  when n_val = 0; `machine`: the hardware, torch and threads the epoch trained
+                  on, a string; each absent in files written before it was added);
 - `metrics.json`  written by `run_metrics`: `R` = {"domains", "loss", "acc"}: R[t][i] on
                   domain i after stage t (t = 0 the base model); `R_val` the same on the
                   validation texts (carved from the training pool) when n_val > 0; the
@@ -48,7 +49,7 @@ SCHEMA_VERSION = 4
 #    (SWEEP_KEYS; the old accuracy-normalised `rank_auc_*` keys are not read); `R_val`.
 HISTORY_KEYS = ("stage", "epoch", "rank", "train_ce", "train_order", "train_dc", "train_penalty",
                 "eval_loss", "eval_acc", "val_loss", "val_acc", "cos_to_stage1", "dc_end", "dc_grad_norm",
-                "penalty_end", "penalty_grad_norm", "trainable_params", "seconds", "train_seconds")
+                "penalty_end", "penalty_grad_norm", "trainable_params", "seconds", "train_seconds", "machine")
 STAGE1_FILE = "stage1.json"            # Stage 1's key, history and evaluations (for sharing it)
 SEQUENCES_FILE = "eval_sequences.json"  # per-sequence sums behind every entry of R
 ALLOCATION_FILE = "allocation.json"     # per-epoch ranks and importance of allocating methods

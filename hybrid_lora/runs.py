@@ -38,7 +38,7 @@ from .results import (SCHEMA_VERSION, SEQUENCES_FILE, STAGE1_FILE, read_json, ru
 from .sources import hub_id
 from .analysis.sweep_results import sweep_aucs, sweep_reference
 from .tracking import open_tracking, step_offsets
-from .train import NonFiniteLoss, resolve_device, set_seed, train_stage
+from .train import NonFiniteLoss, resolve_device, set_seed, train_stage, warn_emulated_bf16
 
 
 _DEFAULTS = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
@@ -189,7 +189,9 @@ def _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd) 
         return _finished(rd, saved or config)
     set_seed(seed)  # the same on every process: the LoRA init must agree
     device = setup(resolve_device(cfg.device))  # joins the process group under accelerate / torchrun
-    run = _Run(rd, cfg, m, loaders, choose_amp_dtype(cfg.mixed_precision, device), config)  # amp: once
+    amp = choose_amp_dtype(cfg.mixed_precision, device)  # once
+    warn_emulated_bf16(amp, device)
+    run = _Run(rd, cfg, m, loaders, amp, config)
     key = stage1_key(cfg, m, seed, prints["data"])
     model, position, state = _start(run, saved, out_dir, key, device)
     prints["model"] = base_fingerprint(model)  # LoRA weights left out: the same at every resume
@@ -434,5 +436,6 @@ def resweep(run: str | Path, ranks=None, kinds=None, scaling: str = "method", de
     device = resolve_device(device or cfg.device)
     tok = load_tokenizer(cfg)
     loaders = {name: make_loaders(cfg, tok, domain, saved["seed"]).eval for name, domain in zip("AB", cfg.domains)}
-    return sweep_run(run, cfg, loaders, ranks or cfg.sweep_ranks, kinds, device,
-                     choose_amp_dtype(cfg.mixed_precision, device), progress)
+    amp = choose_amp_dtype(cfg.mixed_precision, device)
+    warn_emulated_bf16(amp, device)
+    return sweep_run(run, cfg, loaders, ranks or cfg.sweep_ranks, kinds, device, amp, progress)

@@ -5,8 +5,10 @@ stages into runs.
 from __future__ import annotations
 
 import math
+import platform
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -77,18 +79,52 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _read_cpuinfo() -> str | None:
+    """The text of /proc/cpuinfo; None where there is none (macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def cpu_bf16_native(cpuinfo: str | None = None) -> bool | None:
     """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16, Arm BF16), read
     from /proc/cpuinfo (or the text `cpuinfo`); None where that cannot be read (macOS, Windows)."""
+    cpuinfo = _read_cpuinfo() if cpuinfo is None else cpuinfo
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return None
+        return None
     flags = {word for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
              for word in line.split(":", 1)[-1].split()}
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def machine_report(device: torch.device, cpuinfo: str | None = None) -> str:
+    """One line naming what an epoch ran on (its speed and its bf16 rounding depend on it): the
+    GPU's name, or the CPU's model name (/proc/cpuinfo, or `cpuinfo`) and whether it computes
+    bf16; then torch's version and CPU threads. history.json's `machine`."""
+    if device.type == "cuda":
+        hw = f"GPU {torch.cuda.get_device_name(device)}"
+    else:
+        cpuinfo = _read_cpuinfo() if cpuinfo is None else cpuinfo
+        names = [line.split(":", 1)[1].strip() for line in (cpuinfo or "").splitlines()
+                 if line.split(":")[0].strip() == "model name"]
+        native = cpu_bf16_native(cpuinfo) if cpuinfo is not None else None
+        bf16 = {True: "native", False: "emulated", None: "unknown"}[native]
+        hw = f"CPU {names[0] if names else platform.processor() or platform.machine()} (bf16 {bf16})"
+    return f"{hw}; torch {torch.__version__}; {torch.get_num_threads()} threads"
+
+
+def warn_emulated_bf16(amp_dtype, device: torch.device) -> bool:
+    """Warn, and return True, when bf16 autocast is asked for on a CPU that does not compute
+    bf16 in hardware: torch then emulates it, slower than fp32 (docs/scaling.md)."""
+    if amp_dtype is not torch.bfloat16 or device.type != "cpu" or cpu_bf16_native() is not False:
+        return False
+    warnings.warn("mixed_precision='bf16' on a CPU without bf16 instructions (no avx512_bf16, "
+                  "amx_bf16 or bf16 in /proc/cpuinfo): torch emulates bf16 here, slower than fp32 "
+                  "(docs/scaling.md, bf16 on the CPU). Use mixed_precision='no' "
+                  "or 'auto' (fp32 on the CPU).", stacklevel=3)
+    return True
 
 
 def device_report(cfg: ExperimentConfig) -> str:
@@ -293,6 +329,7 @@ class _StageLoop:
         self.cfg, self.method, self.stage, self.reference = cfg, method, stage, reference
         self.device, self.amp_dtype, self.scaler, self.alloc = device, amp_dtype, scaler, alloc
         self.lam_order, self.n_proc, self.progress = lam_order, n_proc, progress
+        self.machine = machine_report(device)  # once per stage; a resumed run names its new machine
         self.tracking, self.step_base, self.steps_per_epoch = None, 0, 0  # set by train_stage
         self.nest_from = 0  # the stage's first nested step (0-based; lora_svd_nested: after the rotation)
         # (AdaLoRA's A and B alone are not its update: no cosine for it)
@@ -434,4 +471,5 @@ class _StageLoop:
             "penalty_end": pen_end, "penalty_grad_norm": pen_grad,
             "trainable_params": count_trainable_params(model),
             "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
+            "machine": self.machine,
         }

@@ -66,6 +66,22 @@ def test_a_three_stage_sequence_runs_end_to_end_for_every_method(three_runs):
     assert stage1["multitask"] != stage1["lora"]  # all domains from Stage 1 on
 
 
+def test_forgetting_stats_on_all_sequences_equal_the_r_matrix(three_runs):
+    """The pair check's quantities from eval_sequences.json (all weights 1) against R in metrics."""
+    import numpy as np
+
+    from hybrid_lora.analysis.cl_results import forgetting_stats
+
+    cfg, out, results = three_runs
+    L = results["lora"]["metrics"]["R"]["loss"]
+    f = forgetting_stats(read_json(run_dir(out, "lora", 42) / SEQUENCES_FILE))
+    w = np.ones((1, cfg.n_eval))
+    expected = {"delta_loss": L[3][0] - L[1][0], "first_gain": L[0][0] - L[1][0], "new_loss": L[3][2],
+                "share_lost": (L[3][0] - L[1][0]) / (L[0][0] - L[1][0]), "new_gain": L[0][2] - L[3][2]}
+    for key, value in expected.items():
+        assert float(f[key](w)[0]) == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
 def test_each_regularizer_acts_and_changes_the_result(three_runs):
     _, _, results = three_runs
     final = {m: r["metrics"]["R"]["loss"][3] for m, r in results.items()}

@@ -30,13 +30,19 @@ def _token_loss(entry: dict, w: np.ndarray) -> np.ndarray:
 
 
 def forgetting_stats(seq: dict, domain: int = 0):
-    """Functions of sequence weights for one run's `eval_sequences.json`: forgetting on
-    `domain` (loss after the last stage minus after its own stage, nats/token) and the loss on
-    the last stage's domain after the last stage."""
+    """Functions of sequence weights for one run's `eval_sequences.json` (nats/token):
+    `delta_loss`, forgetting on `domain` (loss after the last stage minus after its own stage);
+    `new_loss`, the loss on the last stage's domain after the last stage; `first_gain`, the base
+    loss on `domain` minus its loss after its own stage; `share_lost`, delta_loss / first_gain;
+    `new_gain`, the base loss on the last stage's domain minus `new_loss`."""
     R = seq["R"]
     T = len(R) - 1
-    return {"delta_loss": lambda w: _token_loss(R[T][domain], w) - _token_loss(R[domain + 1][domain], w),
-            "new_loss": lambda w: _token_loss(R[T][T - 1], w)}
+    loss = lambda t, d: (lambda w: _token_loss(R[t][d], w))  # noqa: E731
+    delta, first = (lambda w: loss(T, domain)(w) - loss(domain + 1, domain)(w),
+                    lambda w: loss(0, domain)(w) - loss(domain + 1, domain)(w))
+    return {"delta_loss": delta, "new_loss": loss(T, T - 1), "first_gain": first,
+            "share_lost": lambda w: delta(w) / first(w),
+            "new_gain": lambda w: loss(0, T - 1)(w) - loss(T, T - 1)(w)}
 
 
 def bootstrap_vs_baseline(out: str | Path, run: str, seeds, quantity: str, baseline: str = BASELINE,
