@@ -43,7 +43,8 @@ def table_command(args: argparse.Namespace) -> int:
     tables = [(table, CL_MARKDOWN, "cl_table.csv", True)]
     if args.matched_gain is not None:
         baseline = args.reference or BASELINE
-        tables.append((matched_gain_table(results, args.matched_gain, baseline), matched_markdown(baseline),
+        tables.append((matched_gain_table(results, args.matched_gain, baseline, n_boot=args.n_boot),
+                       matched_markdown(baseline),
                        "matched_gain.csv", False))
     cols = ["method", "lambda", "n_seeds", "delta_loss_first", "new_gain", "d_forget_seed",
             "d_forget_seed_lo", "d_forget_seed_hi", "d_new_gain_seed", "d_new_gain_seed_lo",

@@ -5,6 +5,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -197,3 +198,50 @@ def test_matched_gain_against_another_baseline_from_the_command_line(tmp_path, c
     assert t.loc["l2", "lambda_star"] == pytest.approx(0.1)
     assert t.loc["l2", "d_forget"] == pytest.approx(((0.1 - 0.2) + (0.1 - 0.3)) / 2)
     assert t.loc["l2", "d_gain"] == pytest.approx(1.45 - 1.4)
+
+
+def _sequences(out, run, seed, nll_first, nll_new, tokens):
+    """eval_sequences.json of a two-domain run: per-sequence NLL sums on the first domain after
+    each stage (base, Stage 1, Stage 2) and on the new one; every sequence has `tokens` tokens."""
+    entry = lambda nll: {"nll": [float(x) for x in nll], "tokens": [int(x) for x in tokens], "hits": [0] * len(tokens)}  # noqa: E731
+    R = [[entry(a), entry(b)] for a, b in zip(nll_first, nll_new)]
+    write_json_atomic(run_dir(out, run, seed) / "eval_sequences.json", {"domains": ["imdb", "code"], "R": R})
+
+
+def test_matched_gain_of_one_seed_has_an_interval_over_evaluation_sequences(tmp_path):
+    """One seed has no seed-level interval; d_forget_seq is the interpolated forgetting minus the
+    baseline's, bootstrapped over the evaluation sequences. Checked against a slow reference that
+    resamples the sequences explicitly with the same draws."""
+    rng = np.random.default_rng(3)
+    n, tokens = 12, rng.integers(5, 30, size=12)
+    stage1 = rng.uniform(1, 3, n) * tokens  # the shared Stage 1 on the first domain
+    first = {"lora": stage1 + rng.uniform(0.3, 0.9, n) * tokens, "l2_lam0.01": stage1 + rng.uniform(0.1, 0.5, n) * tokens,
+             "l2_lam0.1": stage1 + rng.uniform(0.0, 0.2, n) * tokens}
+    curves = {"lora": (0.6, 2.0, 2.0), "l2_lam0.01": (0.3, 1.95, 1.9), "l2_lam0.1": (0.1, 1.45, 1.5)}
+    for run, (forget, test_gain, val_gain) in curves.items():
+        lam = None if run == "lora" else float(run.split("lam")[1])
+        _run(tmp_path, run, run.split("_")[0], 42, *_curve(forget, test_gain, val_gain), lam=lam)
+        _sequences(tmp_path, run, 42, [stage1 + tokens, stage1, first[run]], [8 * tokens, 8 * tokens, 6 * tokens], tokens)
+    row = matched_gain_table(tmp_path, fraction=0.9, n_boot=300).set_index("method").loc["l2"]
+    t = 0.25  # target 1.8, a quarter of the way from 1.9 to 1.5
+    assert row["n_seeds"] == 1 and math.isnan(row["d_forget_lo"])
+
+    def delta(run, idx):  # token-weighted forgetting on the sequences idx (with repeats)
+        return (first[run][idx].sum() - stage1[idx].sum()) / tokens[idx].sum()
+
+    def diff(idx):
+        return (1 - t) * delta("l2_lam0.01", idx) + t * delta("l2_lam0.1", idx) - delta("lora", idx)
+
+    boots = [diff(idx) for idx in np.random.default_rng(0).integers(0, n, size=(300, n))]
+    assert row["d_forget_seq"] == pytest.approx(diff(np.arange(n)), rel=1e-12)
+    assert row["d_forget_seq_lo"] == pytest.approx(np.quantile(boots, 0.025), rel=1e-12)
+    assert row["d_forget_seq_hi"] == pytest.approx(np.quantile(boots, 0.975), rel=1e-12)
+    assert row["d_forget_seq_lo"] < row["d_forget_seq"] < row["d_forget_seq_hi"] < 0
+
+
+def test_matched_gain_without_evaluation_sequences_leaves_the_sequence_interval_empty(tmp_path):
+    _run(tmp_path, "lora", "lora", 1, *_curve(0.6, 2.0, 2.0))
+    for lam, forget, test_gain, val_gain in ((0.01, 0.3, 1.95, 1.9), (0.1, 0.1, 1.45, 1.5)):
+        _run(tmp_path, f"l2_lam{lam:g}", "l2", 1, *_curve(forget, test_gain, val_gain), lam=lam)
+    row = matched_gain_table(tmp_path, fraction=0.9).set_index("method").loc["l2"]
+    assert row["forget"] == pytest.approx(0.25) and math.isnan(row["d_forget_seq"])
