@@ -50,11 +50,22 @@ def bootstrap_vs_baseline(out: str | Path, run: str, seeds, quantity: str, basel
     """(difference, lower, upper) of `quantity` ("delta_loss" or "new_loss") between `run` and
     `baseline`, averaged over `seeds`, with a paired bootstrap over the evaluation sequences
     (the same sequences for every seed and run: the eval set depends on data_seed only)."""
-    pairs = [(read_json(run_dir(out, run, s) / SEQUENCES_FILE), read_json(run_dir(out, baseline, s) / SEQUENCES_FILE))
-             for s in seeds]
-    n = len(pairs[0][0]["R"][0][0]["nll"])
-    fns = [(forgetting_stats(a)[quantity], forgetting_stats(b)[quantity]) for a, b in pairs]
-    return paired_bootstrap_stat(lambda w: sum(f(w) - g(w) for f, g in fns) / len(fns), n, n_boot, level, seed)
+    return bootstrap_mix(out, [(s, ((run, 1.0), (baseline, -1.0))) for s in seeds], quantity, n_boot, level, seed)
+
+
+def bootstrap_mix(out: str | Path, mixes, quantity: str, n_boot: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> tuple:
+    """(value, lower, upper) of the mean over `mixes` [(seed, ((run, weight), ...))] of
+    sum(weight x `quantity` of run) (`forgetting_stats`), with a paired bootstrap over the
+    evaluation sequences; NaNs when `mixes` is empty or an `eval_sequences.json` is missing."""
+    files = [[(run_dir(out, r, s) / SEQUENCES_FILE, wt) for r, wt in terms] for s, terms in mixes]
+    if not mixes or not all(f.exists() for terms in files for f, _ in terms):
+        return (math.nan,) * 3
+    seqs = [[(read_json(f), wt) for f, wt in terms] for terms in files]
+    n = len(seqs[0][0][0]["R"][0][0]["nll"])
+    fns = [[(forgetting_stats(seq)[quantity], wt) for seq, wt in terms] for terms in seqs]
+    return paired_bootstrap_stat(lambda w: sum(sum(wt * f(w) for f, wt in terms) for terms in fns) / len(fns),
+                                 n, n_boot, level, seed)
 
 
 def cl_table(out: str | Path, baseline: str = BASELINE, n_boot: int = 2000, level: float = 0.95):
@@ -159,15 +170,15 @@ def matched_gain_table(out: str | Path, fraction: float = 0.9, baseline: str = B
                 continue
             j, t = hit
             at = lambda col: (1 - t) * g[col].iloc[j] + t * g[col].iloc[j + 1]  # noqa: E731
-            runs = (g["run"].iloc[j], g["run"].iloc[j + 1])
+            mix = ((g["run"].iloc[j], 1 - t), (g["run"].iloc[j + 1], t), (baseline, -1.0))
             per_seed.append({"seed": seed, "lambda": math.exp((1 - t) * lams[j] + t * lams[j + 1]),
-                             "curve": (runs, t),
+                             "mix": mix,
                              "forget": at("delta_loss_first"), "gain": at("new_gain"),
                              "d_forget": at("delta_loss_first") - base.at[seed, "delta_loss_first"],
                              "d_gain": at("new_gain") - base.at[seed, "new_gain"]})
         row = {"method": method, "variant": variant, "fraction": fraction, "n_seeds": len(per_seed),
                "lambdas": ",".join(f"{x:g}" for x in sorted(group["lambda"].unique()))}
-        seq = _matched_forget_bootstrap(out, [(r["seed"], *r["curve"]) for r in per_seed], baseline, n_boot, level)
+        seq = bootstrap_mix(out, [(r["seed"], r["mix"]) for r in per_seed], "delta_loss", n_boot, level)
         row["d_forget_seq"], row["d_forget_seq_lo"], row["d_forget_seq_hi"] = seq
         p = pd.DataFrame(per_seed, columns=["seed", "lambda", "forget", "gain", "d_forget", "d_gain"])
         row["lambda_star"] = float(np.exp(np.log(p["lambda"]).mean())) if len(p) else math.nan
@@ -177,20 +188,6 @@ def matched_gain_table(out: str | Path, fraction: float = 0.9, baseline: str = B
             row[col], row[f"{col}_lo"], row[f"{col}_hi"] = paired_t_interval(list(p[col]), level)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _matched_forget_bootstrap(out, curves, baseline: str, n_boot: int, level: float) -> tuple:
-    """(difference, lower, upper): the interpolated `delta_loss` on the first domain minus the
-    baseline's, averaged over `curves` [(seed, (run_j, run_j+1), t)], with a paired bootstrap over
-    the evaluation sequences; NaNs without curves or without every `eval_sequences.json`."""
-    files = [[run_dir(out, r, seed) / SEQUENCES_FILE for r in (*runs, baseline)] for seed, runs, _ in curves]
-    if not curves or not all(f.exists() for fs in files for f in fs):
-        return (math.nan,) * 3
-    fns = [[forgetting_stats(read_json(f))["delta_loss"] for f in fs] for fs in files]
-    n = len(read_json(files[0][0])["R"][0][0]["nll"])
-    ts = [t for _, _, t in curves]
-    stat = lambda w: sum((1 - t) * a(w) + t * b(w) - c(w) for t, (a, b, c) in zip(ts, fns)) / len(fns)  # noqa: E731
-    return paired_bootstrap_stat(stat, n, n_boot, level)
 
 
 # (header, column or (mean, lo, hi) columns, format) of the README's continual-learning table
