@@ -73,6 +73,40 @@ def test_allocation_markdown_shows_the_time_ratio(study):
     assert lines["| lora svd_alloc@8"].endswith("| — |")
 
 
+def test_a_one_domain_study_has_its_one_point_and_its_swept_cut(tmp_path):
+    """The allocation study on one domain (SmolLM2 on code): each run's loss is R's last row, the
+    baseline may be a `--ranks` reference (lora_r2), and LoRA's cut is its adapter swept as
+    "stage1" on "A"; the markdown shows that one point only. Hand numbers, two seeds."""
+    from hybrid_lora.analysis.allocation_results import allocation_markdown
+    from hybrid_lora.results import run_metrics
+
+    cfg = dataclasses.replace(ExperimentConfig.smoke(), domains=("code",), r=16, rank_schedule=(2, 2, 2))
+    losses = {"lora_r2": (2.52, 2.50), "dynamic": (2.51, 2.47), "lora": (2.49, 2.48)}
+    for seed in (1, 2):
+        for method, per_seed in losses.items():
+            d = tmp_path / method / f"seed{seed}"
+            after = per_seed[seed - 1]
+            write_json_atomic(d / "config.json", {**cfg.to_dict(), "method": method, "seed": seed,
+                                                  "r": 2 if method == "lora_r2" else 16})
+            write_json_atomic(d / "history.json", [{"stage": 1, "epoch": 1, "trainable_params": 100,
+                                                    "seconds": 1.0, "train_seconds": 1.0}])
+            write_json_atomic(d / "metrics.json", run_metrics(("code",), [[2.8], [after]], [[0.4], [0.5]]))
+        write_json_atomic(tmp_path / "dynamic" / f"seed{seed}" / "allocation.json", {
+            "schema_version": 1, "modules": ["m0"], "costs": [10],
+            "epochs": [{"stage": 1, "epoch": 1, "ranks": [2], "params": 90, "frozen_params": 0}]})
+        write_json_atomic(tmp_path / "lora" / f"seed{seed}" / "sweep.json", [
+            {"adapter": "stage1", "domain": "A", "kind": "svd", "scaling": "preserve", "rank": 2,
+             "loss": 2.53 + 0.01 * seed, "acc": 0.45}])
+    t = allocation_table(tmp_path, baseline="lora_r2").set_index("run")
+    assert set(t.index) == {"lora_r2", "dynamic", "lora svd@2"}
+    assert "stage1_first_loss" not in t.columns
+    assert t.loc["dynamic", "final_last_loss_diff"] == pytest.approx(((2.51 - 2.52) + (2.47 - 2.50)) / 2)
+    assert t.loc["lora svd@2", "final_last_loss_diff"] == pytest.approx(((2.54 - 2.52) + (2.55 - 2.50)) / 2)
+    assert t.loc["lora svd@2", "params_final"] == 100 * 2 / 16 and t.loc["dynamic", "params_final"] == 90
+    head = allocation_markdown(t.reset_index()).splitlines()[0]
+    assert head == "| run | n | final_last loss | params (final) | time / LoRA at r [95% CI] |"
+
+
 def test_rank_maps_average_the_seeds(study):
     maps = rank_maps(study, "dynamic")
     assert maps["epochs"] == [(1, 1), (2, 1)] and maps["modules"] == ["m0", "m1"]

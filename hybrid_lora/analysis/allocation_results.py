@@ -5,7 +5,8 @@ method (`dynamic` and its `--suffix` variants, `adalora`), the uniform LoRA at t
 baseline, `lora_small`) and plain LoRA at rank r cut to the budget after training (its sweep:
 `svd` = every module at the budget's rank, `svd_alloc` = one global singular-value threshold).
 For each: the Stage-1 adapter on the first domain, the final adapter on the last domain and on
-the first, in loss and accuracy; the mean over seeds and the paired difference from the
+the first, in loss and accuracy (a one-domain study, e.g. the allocation study on code alone,
+has only the one point `final_last`); the mean over seeds and the paired difference from the
 baseline (same seed) with a t-interval over seeds; and the adapter's parameters at the end of
 each stage (allocated: kept components, frozen included; LoRA cut by SVD: the budget, an upper
 bound); and the time ratio, the run's fastest training epoch over that of plain LoRA at rank r
@@ -35,17 +36,21 @@ def _params(run: Path) -> dict[str, float]:
 
 
 def _points(run: Path) -> dict[str, dict]:
+    """{point: {"loss", "acc"}} of a run (POINTS; a one-domain run: its domain at the end, "final_last")."""
     m = read_json(run / "metrics.json")
+    if len(m["R"]["domains"]) == 1:
+        return {"final_last": {x: m["R"][x][-1][0] for x in ("loss", "acc")}}
     return {name: m[key] for name, key in POINTS}
 
 
-def _cut_points(run: Path, kind: str, rank: int) -> dict[str, dict] | None:
+def _cut_points(run: Path, kind: str, rank: int, n_domains: int) -> dict[str, dict] | None:
     """The run's adapters cut by `kind` at `rank` from its sweep.json, or None if not swept."""
     if not (run / "sweep.json").exists():
         return None
     rows = {(r["adapter"], r["domain"]): r for r in read_json(run / "sweep.json")
             if r["kind"] == kind and r["rank"] == rank}
-    where = {"stage1_first": ("stage1", "A"), "final_last": ("final", "B"), "final_first": ("final", "A")}
+    where = ({"final_last": ("stage1", "A")} if n_domains == 1  # a one-domain run's adapter is swept as "stage1"
+             else {"stage1_first": ("stage1", "A"), "final_last": ("final", "B"), "final_first": ("final", "A")})
     if not all(w in rows for w in where.values()):
         return None
     return {name: {"loss": rows[w]["loss"], "acc": rows[w]["acc"]} for name, w in where.items()}
@@ -69,7 +74,7 @@ def study_runs(out: str | Path, baseline: str = "lora_small", svd_run: str = "lo
             continue
         full = _params(run)
         for kind in ("svd", "svd_alloc"):
-            cut = _cut_points(run, kind, budget_rank)
+            cut = _cut_points(run, kind, budget_rank, len(cfg["domains"]))
             if cut is not None:
                 bound = {k: v * budget_rank / cfg["r"] for k, v in full.items()}
                 found.setdefault(f"{svd_run} {kind}@{budget_rank}", {})[cfg["seed"]] = {"points": cut, "params": bound}
@@ -85,11 +90,12 @@ def allocation_table(out: str | Path, baseline: str = "lora_small", svd_run: str
         raise FileNotFoundError(f"no finished {baseline!r} runs under {out}: the baseline of the table")
     base = runs[baseline]
     seconds = train_seconds(out)
+    points = [p for p, _ in POINTS if p in next(iter(base.values()))["points"]]
     rows = []
     for label, per_seed in runs.items():
         seeds = sorted(s for s in per_seed if s in base)
         row = {"run": label, "n_seeds": len(seeds)}
-        for point, _ in POINTS:
+        for point in points:
             for x in ("loss", "acc"):
                 vals = [per_seed[s]["points"][point][x] for s in seeds]
                 row[f"{point}_{x}"] = sum(vals) / len(vals) if vals else math.nan
@@ -166,12 +172,13 @@ PER_INPUT_MARKDOWN = (
 
 def allocation_markdown(table, x: str = "loss") -> str:
     """The table in markdown: per point the mean and the difference from the baseline [CI]."""
-    head = ["run", "n"] + [f"{p} {x}" for p, _ in POINTS] + ["params (final)", "time / LoRA at r [95% CI]"]
+    points = [p for p, _ in POINTS if f"{p}_{x}" in table.columns]
+    head = ["run", "n"] + [f"{p} {x}" for p in points] + ["params (final)", "time / LoRA at r [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.itertuples():
         r = r._asdict()
         cells = [r["run"], str(r["n_seeds"])]
-        for p, _ in POINTS:
+        for p in points:
             d, lo, hi = r[f"{p}_{x}_diff"], r[f"{p}_{x}_lo"], r[f"{p}_{x}_hi"]
             diff = "" if lo == hi == 0.0 else f" ({d:+.4f} [{lo:+.4f}, {hi:+.4f}])"
             cells.append(f"{r[f'{p}_{x}']:.4f}{diff}")
