@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "with --allocation: the baseline (default lora_small); "
                             "with --rank-flex: the method trained at each rank (default lora); "
                             "with --matched-gain: the run whose validation gain is matched and whose "
-                            "forgetting is subtracted (default lora), e.g. dynamic_protect")
+                            "forgetting is subtracted (default lora), e.g. dynamic_protect; "
+                            "alone: the run the continual-learning table's paired differences are "
+                            "against (default lora), e.g. lora_r2")
     table.add_argument("--allocation", action="store_true",
                        help="instead: the allocation study (preset dynamic): allocating methods, uniform LoRA "
                             "at the budget and plain LoRA cut to it by SVD, loss and accuracy after each stage "

@@ -39,7 +39,13 @@ def table_command(args: argparse.Namespace) -> int:
         return rank_flex_command(results, args.markdown, args.reference or "lora")
     if args.rank_sweep:
         return rank_table_command(results, args.markdown, args.reference)
-    table = cl_table(results, n_boot=args.n_boot)
+    # --reference alone: the run the table's paired differences are against (with --matched-gain it
+    # names the matched run instead, and cl_table stays against sequential LoRA)
+    table = cl_table(results, baseline=args.reference if args.matched_gain is None and args.reference else BASELINE,
+                     n_boot=args.n_boot)
+    if args.reference and args.matched_gain is None and args.reference not in table.index:
+        raise ValueError(f"--reference {args.reference!r}: no finished run of that name under {results} "
+                         f"(runs: {', '.join(table.index)})")
     tables = [(table, CL_MARKDOWN, "cl_table.csv", True)]
     if args.matched_gain is not None:
         baseline = args.reference or BASELINE
