@@ -25,7 +25,7 @@ def table_command(args: argparse.Namespace) -> int:
     """`table`: print the continual-learning table and write it to <results>/cl_table.csv."""
     import pandas as pd
 
-    from .analysis.cl_results import BASELINE, CL_MARKDOWN, cl_table, matched_gain_table, matched_markdown
+    from .analysis.cl_results import BASELINE, cl_markdown, cl_table, matched_gain_table, matched_markdown
     from .analysis.markdown import markdown_table
 
     results = Path(args.results)
@@ -41,12 +41,12 @@ def table_command(args: argparse.Namespace) -> int:
         return rank_table_command(results, args.markdown, args.reference)
     # --reference alone: the run the table's paired differences are against (with --matched-gain it
     # names the matched run instead, and cl_table stays against sequential LoRA)
-    table = cl_table(results, baseline=args.reference if args.matched_gain is None and args.reference else BASELINE,
-                     n_boot=args.n_boot)
+    cl_baseline = args.reference if args.matched_gain is None and args.reference else BASELINE
+    table = cl_table(results, baseline=cl_baseline, n_boot=args.n_boot)
     if args.reference and args.matched_gain is None and args.reference not in table.index:
         raise ValueError(f"--reference {args.reference!r}: no finished run of that name under {results} "
                          f"(runs: {', '.join(table.index)})")
-    tables = [(table, CL_MARKDOWN, "cl_table.csv", True)]
+    tables = [(table, cl_markdown(cl_baseline), "cl_table.csv", True)]
     if args.matched_gain is not None:
         baseline = args.reference or BASELINE
         tables.append((matched_gain_table(results, args.matched_gain, baseline, n_boot=args.n_boot),

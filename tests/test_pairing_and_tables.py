@@ -247,7 +247,7 @@ def test_matched_gain_without_evaluation_sequences_leaves_the_sequence_interval_
     assert row["forget"] == pytest.approx(0.25) and math.isnan(row["d_forget_seq"])
 
 
-def test_table_reference_alone_is_the_baseline_of_the_continual_learning_table(tmp_path):
+def test_table_reference_alone_is_the_baseline_of_the_continual_learning_table(tmp_path, capsys):
     """Regression: `table --reference lora_r2` (no --matched-gain) was ignored, so every difference
     stayed against `lora`. Hand numbers: new-domain gains 2.0 / 2.2 (lora), 1.8 / 1.9 (lora_r2);
     a name with no runs is an error that lists the runs there."""
@@ -256,7 +256,8 @@ def test_table_reference_alone_is_the_baseline_of_the_continual_learning_table(t
     for seed, (gain, gain_r2) in {1: (2.0, 1.8), 2: (2.2, 1.9)}.items():
         _run(tmp_path, "lora", "lora", seed, *_curve(0.5, gain, gain))
         _run(tmp_path, "lora_r2", "lora", seed, *_curve(0.4, gain_r2, gain_r2))
-    assert main(["table", "--results", str(tmp_path), "--reference", "lora_r2", "--n-boot", "10"]) == 0
+    assert main(["table", "--results", str(tmp_path), "--reference", "lora_r2", "--n-boot", "10", "--markdown"]) == 0
+    assert "| Δgain on new vs lora_r2 [95% seed CI] |" in capsys.readouterr().out
     t = pd.read_csv(tmp_path / "cl_table.csv").set_index("run")
     assert t.loc["lora", "d_new_gain_seed"] == pytest.approx(((2.0 - 1.8) + (2.2 - 1.9)) / 2)
     assert t.loc["lora", "d_forget_seed"] == pytest.approx(0.1)
