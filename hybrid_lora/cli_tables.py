@@ -41,10 +41,11 @@ def table_command(args: argparse.Namespace) -> int:
         return rank_table_command(results, args.markdown, args.reference)
     # --reference alone: the run the table's paired differences are against (with --matched-gain it
     # names the matched run instead, and cl_table stays against sequential LoRA)
-    cl_baseline = args.reference if args.matched_gain is None and args.reference else BASELINE
+    own = args.reference if args.matched_gain is None else None
+    cl_baseline = own or BASELINE
     table = cl_table(results, baseline=cl_baseline, n_boot=args.n_boot)
-    if args.reference and args.matched_gain is None and args.reference not in table.index:
-        raise ValueError(f"--reference {args.reference!r}: no finished run of that name under {results} "
+    if own and own not in table.index:
+        raise ValueError(f"--reference {own!r}: no finished run of that name under {results} "
                          f"(runs: {', '.join(table.index)})")
     tables = [(table, cl_markdown(cl_baseline), "cl_table.csv", True)]
     if args.matched_gain is not None:
