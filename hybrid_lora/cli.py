@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: rank per input of RUN's per_input.json files (command per-input) against "
                             "fixed and random ranks at the same average, paired by seed; writes per_input_table.csv")
     sweep = sub.add_parser("sweep-ranks", parents=[common], help="evaluate a run's saved adapters cut to each rank "
-                                              "(no training); merges into <run>/sweep.json")
+                                              "on its evaluation texts, and on its validation texts where "
+                                              "the run has them (no training); merges into <run>/sweep.json")
     sweep.add_argument("--run", required=True, help="a run folder, <out>/<method>/seed<k>")
     sweep.add_argument("--ranks", nargs="+", type=POSITIVE, help="default: the run's sweep_ranks")
     sweep.add_argument("--kinds", nargs="+", choices=SWEEP_KINDS, help="default: the run's sweep_kinds")

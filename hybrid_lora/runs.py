@@ -424,7 +424,10 @@ def resweep(run: str | Path, ranks=None, kinds=None, scaling: str = "method", de
     """Sweep a finished run's saved adapters again (no training) and merge the rows into its
     sweep.json (`ranks.sweep_run`): `ranks`, `kinds` default to the run's; `scaling` of slices:
     "method" (the one the method trains with), "preserve", "dylora" or "both"; `n_eval`: the
-    first N evaluation texts (default the run's `sweep_n_eval`). Returns all its rows."""
+    first N evaluation texts (default the run's `sweep_n_eval`). Like the run's own sweep, it
+    also sweeps the validation texts where the run evaluated them (R_val in eval_sequences.json),
+    so a run made without a sweep can serve as a per-rank reference when lambdas are chosen on
+    them. Returns all its rows."""
     run = Path(run)
     saved = read_json(run / "config.json")
     cfg, method = ExperimentConfig.from_dict(saved), get_method(saved["method"])
@@ -435,7 +438,10 @@ def resweep(run: str | Path, ranks=None, kinds=None, scaling: str = "method", de
              for s in (scalings if kind == "slice" else ["preserve"])]
     device = resolve_device(device or cfg.device)
     tok = load_tokenizer(cfg)
-    loaders = {name: make_loaders(cfg, tok, domain, saved["seed"]).eval for name, domain in zip("AB", cfg.domains)}
+    made = {name: make_loaders(cfg, tok, domain, saved["seed"]) for name, domain in zip("AB", cfg.domains)}
+    loaders = {name: ld.eval for name, ld in made.items()}
+    if (run / SEQUENCES_FILE).exists() and "R_val" in read_json(run / SEQUENCES_FILE):
+        loaders.update({f"{name}_val": ld.val for name, ld in made.items() if ld.val is not None})
     amp = choose_amp_dtype(cfg.mixed_precision, device)
     warn_emulated_bf16(amp, device)
     return sweep_run(run, cfg, loaders, ranks or cfg.sweep_ranks, kinds, device, amp, progress)

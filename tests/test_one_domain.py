@@ -1,6 +1,7 @@
 """A run on one domain (`domains=code`): Stage 1 only, its adapter swept as the Stage-1 adapter
 on A (as a two-domain run's), the rank-flexibility table and the figures made from it; what a
 per-domain rank study needs without paying for a Stage 2."""
+import dataclasses
 import math
 
 import pytest
@@ -59,6 +60,29 @@ def test_export_and_resweep_of_a_one_domain_run(one, tmp_path):
     assert any(r["rank"] == 3 and r["adapter"] == "stage1" for r in read_json(rd / "sweep.json"))
     assert main(["export", str(rd), "--rank", "2", "--out", str(tmp_path / "x")]) == 0
 
+
+def test_a_run_made_without_a_sweep_is_swept_on_its_validation_texts_too(tmp_path):
+    """Regression: `sweep-ranks` swept only the evaluation texts, so per-rank references made with
+    sweep_ranks=() and swept afterwards had no A_val rows, and the rank-flex table beside a
+    method swept in its run (on A and A_val) failed choosing lambdas on A_val. Now the resweep
+    of a run made without a sweep gives the rows the run's own sweep gives, validation included."""
+    from hybrid_lora.grid import at_rank
+
+    swept = tiny_config(domains=("code",), n_val=4, sweep_ranks=(1, 2), sweep_kinds=("slice", "svd"))
+    bare = dataclasses.replace(swept, sweep_ranks=(), sweep_kinds=())
+    run_experiment(swept, "lora", 42, tmp_path / "in_run", progress=False)
+    run_experiment(swept, "matryoshka", 42, tmp_path / "later", progress=False)
+    for name, cfg in (("lora", bare), ("lora_r1", at_rank(bare, 1)), ("lora_r2", at_rank(bare, 2))):
+        run_experiment(cfg, "lora", 42, tmp_path / "later", progress=False, name=name)
+        ranks = [str(cfg.r)] if name != "lora" else ["1", "2"]
+        assert main(["sweep-ranks", "--run", str(run_dir(tmp_path / "later", name, 42)), "--ranks", *ranks,
+                     "--kinds", "slice", "svd", "--no-progress"]) == 0
+    key = lambda r: (r["domain"], r["kind"], r["rank"])  # noqa: E731
+    rows = lambda out: sorted(read_json(run_dir(out, "lora", 42) / "sweep.json"), key=key)  # noqa: E731
+    assert {r["domain"] for r in rows(tmp_path / "later")} == {"A", "A_val"}
+    for a, b in zip(rows(tmp_path / "in_run"), rows(tmp_path / "later"), strict=True):
+        assert key(a) == key(b) and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert main(["table", "--results", str(tmp_path / "later"), "--rank-flex"]) == 0
 
 def test_each_epoch_is_evaluated_on_the_validation_texts(tmp_path):
     """The curve an epoch count is chosen on: epoch 1's `val_loss` of a 2-epoch run is R_val of
