@@ -30,6 +30,7 @@ ALLOCATING_METHODS = ("dynamic", "dynamic_protect", "adalora")
 IMPORTANCES = ("sensitivity", "fisher", "activation")  # importance.py
 DYLORA_DISTRIBUTIONS = ("uniform", "geometric", "ranks")
 MATRYOSHKA_WEIGHTINGS = ("mean", "sum")  # nested.matryoshka_weights
+SVD_NEST_MODES = ("matryoshka", "dylora")  # lora_svd_nested: how its last steps nest
 SWEEP_KINDS = ("slice", "svd", "svd_alloc")
 DATA_SOURCES = ("hub", "local", "builtin")
 REPORTERS = ("tensorboard", "wandb")  # report_to: accelerate's trackers (tracking.py)
@@ -145,6 +146,10 @@ class ExperimentConfig:
     # default lora_scaling "none" with the "diag" mask; cuts keep the scaling: "preserve")
     matryoshka_weighting: str = "mean"
     svd_nest_fraction: float = 0.1  # method lora_svd_nested: the last share of a stage's steps, nested
+    # how those steps nest: "matryoshka" (one diagonal-weighted adapter per step, matryoshka_weighting),
+    # "dylora" (one cut per step, b drawn by dylora_distribution, at the adapter's own scaling: each
+    # step trains exactly a function the sweep evaluates)
+    svd_nest_mode: str = "matryoshka"
     # budgeted allocation (methods dynamic*): every module starts at rank r; the budget falls to
     # the parameters of uniform rank rank_schedule[-1] on AdaLoRA's cubic schedule; names after
     # AdaLoraConfig's tinit / tfinal (here fractions of a stage's steps), deltaT, beta1, beta2
@@ -389,6 +394,8 @@ class ExperimentConfig:
             raise self._bad("dylora_distribution", f"must be one of {DYLORA_DISTRIBUTIONS}")
         if not 0 < self.svd_nest_fraction <= 1:
             raise self._bad("svd_nest_fraction", "must be in (0, 1]: the share of a stage's steps trained nested")
+        if self.svd_nest_mode not in SVD_NEST_MODES:
+            raise self._bad("svd_nest_mode", f"must be one of {SVD_NEST_MODES}")
         if self.matryoshka_weighting not in MATRYOSHKA_WEIGHTINGS:
             raise self._bad("matryoshka_weighting", f"must be one of {MATRYOSHKA_WEIGHTINGS}")
         if not 0.0 < self.dylora_p < 1.0:

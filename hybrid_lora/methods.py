@@ -65,6 +65,10 @@ class Method:
             return cfg.rank_schedule if stage == 2 else (cfg.rank_schedule[-1],) * cfg.epochs_stage2
         return (self.train_rank(cfg),) * (cfg.epochs_stage1 if stage == 1 else cfg.epochs_stage2)
 
+    def nest_mode(self, cfg: ExperimentConfig) -> str | None:
+        """How the nested steps train: "dylora", "matryoshka" or None (`svd_nest`: cfg.svd_nest_mode)."""
+        return cfg.svd_nest_mode if self.svd_nest else self.nested
+
     def cut_scaling(self, cfg: ExperimentConfig) -> str:
         """How this method's adapters are cut to a lower rank, in training (rebuild) and sweeps.
 
@@ -145,7 +149,8 @@ METHODS = {m.name: m for m in (
            "penalty); the schedule restarts each stage", allocation="adalora"),
     Method("lora_svd_nested", False, False, True, "plain LoRA, rotated exactly into its SVD basis (the same "
            "function) for the last svd_nest_fraction of each stage's steps, trained there with Matryoshka "
-           "weighting of sub-adapters at the adapter's own scaling; cuts keep the scaling (as SVD's)",
+           "weighting of sub-adapters at the adapter's own scaling (svd_nest_mode='dylora': one cut per "
+           "step instead, as DyLoRA); cuts keep the scaling (as SVD's)",
            nested="matryoshka", svd_nest=True),
 )}
 assert tuple(METHODS) == METHOD_NAMES, "config.METHOD_NAMES and the method table disagree"

@@ -45,17 +45,19 @@ def rank_distribution(cfg: ExperimentConfig, r: int) -> torch.Tensor:
 
 
 class NestedStep:
-    """Per-step rank sampling, truncated forward and masked update for one model (one rank)."""
+    """Per-step rank sampling, truncated forward and masked update for one model (one rank);
+    the rank-b forward at the cut `scaling` ("dylora": alpha/b, DyLoRA's; "preserve": the
+    adapter's own alpha/r, an SVD cut's)."""
 
-    def __init__(self, model, cfg: ExperimentConfig, mask: torch.Tensor):
+    def __init__(self, model, cfg: ExperimentConfig, mask: torch.Tensor, scaling: str = "dylora"):
         r = current_rank(model)
         self.mask = mask
         self.probs = rank_distribution(cfg, r)
         device = mask.device
         ks = torch.arange(1, r + 1)
         j = torch.arange(r)
-        # forward[b - 1] = the component factors of rank b (alpha/b); update[b - 1] = what steps
-        mult = slice_multiplier(model, 1, "dylora") / ks   # alpha/b over the model's alpha/r
+        # forward[b - 1] = the component factors of rank b; update[b - 1] = what steps
+        mult = slice_multiplier(model, 1, "dylora") / ks if scaling == "dylora" else torch.ones(r)  # over alpha/r
         self.forward = torch.where(j[None, :] < ks[:, None], mult[:, None], 0.0).to(device)  # [r, r]
         upd = (j[None, :] == ks[:, None] - 1) if cfg.dylora_frozen else (j[None, :] < ks[:, None])
         self.update = upd.to(device)                                                         # [r, r]
@@ -147,18 +149,18 @@ class MatryoshkaStep:
 
 @contextmanager
 def nested_training(model, cfg: ExperimentConfig, mode: str | None = "dylora", scaling: str | None = None):
-    """Yield the step helper of `mode` ("dylora": NestedStep, "matryoshka": MatryoshkaStep with
-    sub-adapters at the cut `scaling`; default the `matryoshka` method's) for `model`, or None
-    when `mode` is None; hooks are removed on exit."""
+    """Yield the step helper of `mode` ("dylora": NestedStep, "matryoshka": MatryoshkaStep) with
+    sub-adapters at the cut `scaling` (default the `matryoshka` method's for "matryoshka",
+    "dylora" for "dylora") for `model`, or None when `mode` is None; hooks are removed on exit."""
     if scaling is None:
-        scaling = "preserve" if cfg.matryoshka_weighting == "sum" else "dylora"
+        scaling = "preserve" if mode == "matryoshka" and cfg.matryoshka_weighting == "sum" else "dylora"
     if mode is None:
         yield None
         return
     if mode not in ("dylora", "matryoshka"):
         raise ValueError(f"nested mode {mode!r}: must be 'dylora' or 'matryoshka'")
     with component_mask(model) as mask:
-        step = NestedStep(model, cfg, mask) if mode == "dylora" else MatryoshkaStep(model, cfg, mask, scaling)
+        step = NestedStep(model, cfg, mask, scaling) if mode == "dylora" else MatryoshkaStep(model, cfg, mask, scaling)
         try:
             yield step
         finally:

@@ -366,7 +366,7 @@ class _StageLoop:
         n_batches, step = skip + len(train_loader), skip
         guard = FiniteGuard(device, stage, epoch)
         start = time.perf_counter() - sums["seconds"]
-        with nested_training(model, cfg, self.method.nested, self.method.cut_scaling(cfg)) as nest:
+        with nested_training(model, cfg, self.method.nest_mode(cfg), self.method.cut_scaling(cfg)) as nest:
             model.train()
             batches = tqdm(train_loader, desc=f"epoch {epoch} r={rank}", leave=False, unit="batch",
                            disable=not self.progress, initial=skip, total=n_batches)

@@ -187,6 +187,46 @@ def test_lora_svd_nested_is_plain_lora_then_rotated_and_nested(tmp_path, monkeyp
     assert get_method("lora_svd_nested").cut_scaling(cfg) == "preserve"
 
 
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_svd_nest_mode_dylora_trains_at_each_step_the_cut_the_sweep_evaluates(k):
+    """svd_nest_mode="dylora": a nested step of lora_svd_nested at rank b runs every module as
+    base + (alpha/r) B[:, :b] A[:b], the adapter's own scaling, which is the cut to rank b that
+    the sweep evaluates (rebuild at "preserve"); the Matryoshka mode's step is no single cut."""
+    from hybrid_lora.methods import get_method
+
+    cfg = tiny_config(lora_dropout=0.0, svd_nest_mode="dylora")
+    model, _ = build_model(cfg)
+    randomize_lora(model, scale=0.3)
+    model.eval()
+    cut = rebuild_model_for_new_rank(copy.deepcopy(model), k, cfg, scaling="preserve").eval()
+    method = get_method("lora_svd_nested")
+    assert (method.nest_mode(cfg), method.cut_scaling(cfg)) == ("dylora", "preserve")
+    x = torch.randn(3, cfg.tiny_n_embd, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), nested_training(model, cfg, method.nest_mode(cfg), method.cut_scaling(cfg)) as nest:
+        nest.begin(k)
+        for (name, a, b, s), (_, _, _, s_k) in zip(lora_factors(model), lora_factors(cut)):
+            assert s_k == pytest.approx(s)  # a cut at "preserve" keeps alpha / r
+            expected = model.get_submodule(name).base_layer(x) + s * x @ a[:k].T @ b[:, :k].T
+            torch.testing.assert_close(model.get_submodule(name)(x), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cut.get_submodule(name)(x), expected, atol=1e-5, rtol=1e-5)
+    assert get_method("lora_svd_nested").nest_mode(tiny_config()) == "matryoshka"  # the default
+    with pytest.raises(ValueError, match="svd_nest_mode='both': must be one of \\('matryoshka', 'dylora'\\)"):
+        tiny_config(svd_nest_mode="both")
+
+
+def test_lora_svd_nested_in_dylora_mode_draws_its_ranks_only_in_the_nested_steps(tmp_path, monkeypatch):
+    """The training loop nests the way svd_nest_mode says: with "dylora" and b drawn from the
+    evaluated ranks, the last half of the steps each train one cut b in {1, 2, 8} (r = 8)."""
+    from hybrid_lora import nested as nested_mod
+
+    cfg = tiny_config(domains=("code",), epochs_stage1=2, svd_nest_fraction=0.5, sweep_ranks=(1, 2),
+                      sweep_kinds=("slice",), svd_nest_mode="dylora", dylora_distribution="ranks")
+    drawn, real = [], nested_mod.NestedStep.begin
+    monkeypatch.setattr(nested_mod.NestedStep, "begin", lambda self, b: drawn.append(b) or real(self, b))
+    run_experiment(cfg, "lora_svd_nested", 42, tmp_path, progress=False)
+    assert len(drawn) == 4 and set(drawn) <= {1, 2, 8}  # steps 4..7 of 8
+
 def test_lora_svd_nested_resumes_exactly_after_its_rotation(tmp_path, monkeypatch):
     from test_resume import Interrupt, count_training_steps, finished_files
 
