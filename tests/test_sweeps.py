@@ -83,6 +83,23 @@ def test_sweep_ranks_command_adds_conventions_and_reproduces_the_run(tmp_path, c
     assert "no config.json there, so not a run folder" in capsys.readouterr().err
 
 
+def test_rank_sweep_table_leaves_out_per_rank_references_swept_only_at_their_own_rank(swept, tmp_path):
+    """Regression: a folder of the rank-flexibility benchmark holds references `lora_r<k>` swept
+    at their own rank only; `table --rank-sweep` failed on them ("rank_auc: no share at r_min=1").
+    They have no cut, so no row; the other rows are those of the folder without them."""
+    import shutil
+
+    shutil.copytree(swept, tmp_path / "with_ref")
+    ref = tmp_path / "with_ref" / "lora_r2" / "seed1"
+    shutil.copytree(swept / "lora" / "seed1", ref)
+    write_json_atomic(ref / "sweep.json", [{"adapter": "final", "adapter_rank": 2, "domain": "B", "kind": "slice",
+                                            "scaling": "preserve", "rank": 2, "loss": 4.7, "acc": 0.15}])
+    without = rank_flex_table(load_sweeps(swept), "final", "B")
+    with_ref = rank_flex_table(load_sweeps(tmp_path / "with_ref"), "final", "B")
+    assert "lora_r2" not in set(with_ref["run"])
+    assert with_ref.reset_index(drop=True).equals(without.reset_index(drop=True))
+    assert main(["table", "--results", str(tmp_path / "with_ref"), "--rank-sweep"]) == 0
+
 def test_rank_flex_table_against_hand_numbers(swept, capsys):
     # loss at rank k = 5 - 0.5 k/4 with base 5.0: the share kept is k/4 for every seed and run
     t = rank_flex_table(load_sweeps(swept), "final", "B").set_index(["run", "kind"])

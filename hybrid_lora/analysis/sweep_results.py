@@ -135,7 +135,8 @@ def rank_sweep_table(sweeps, adapter: str = "stage1", domain: str = "A", referen
     rank, where it is used whole), or with `reference` (a run name) of that run's uncut gain
     with the same seed: then cuts of different adapters compare on one scale, ranks at and
     above an adapter's own show its uncut share, and `uncut` is that share. A share above 1:
-    better than the uncut adapter (or the reference)."""
+    better than the uncut adapter (or the reference). A run swept at no rank below its own (a
+    per-rank reference of `run --ranks`, swept at its own rank only) has no cut and no row."""
     import pandas as pd
 
     at = sweeps[(sweeps["adapter"] == adapter) & (sweeps["domain"] == domain)]
@@ -153,6 +154,8 @@ def rank_sweep_table(sweeps, adapter: str = "stage1", domain: str = "A", referen
         per_seed = []
         for seed, s in g.groupby("seed"):
             own, full = int(s["adapter_rank"].iloc[0]), s["full_loss"].iloc[0]
+            if not (s["rank"] < own).any():  # uncut only: nothing to share out
+                continue
             if reference is None:
                 shares, whole = dict(zip(s["rank"].astype(int), s["loss_gain_kept"])), 1.0
             elif seed in ref.index:
@@ -164,6 +167,8 @@ def rank_sweep_table(sweeps, adapter: str = "stage1", domain: str = "A", referen
             shown = {k: shares.get(k, math.nan) if k < own else (whole if reference else math.nan) for k in ranks}
             per_seed.append({"seed": seed, "full_loss": full, "own": own, "whole": whole,
                              "auc": rank_auc(shares, own, ranks[0], r_max, whole), **shown})
+        if not per_seed:
+            continue
         p = pd.DataFrame(per_seed)
         row = {"run": run, "kind": kind, "scaling": scaling, "n_seeds": len(p),
                "adapter_rank": int(p["own"].max()), "full_loss": p["full_loss"].mean(),
