@@ -57,7 +57,7 @@ class NestedStep:
         ks = torch.arange(1, r + 1)
         j = torch.arange(r)
         # forward[b - 1] = the component factors of rank b; update[b - 1] = what steps
-        mult = slice_multiplier(model, 1, "dylora") / ks if scaling == "dylora" else torch.ones(r)  # over alpha/r
+        mult = torch.tensor([slice_multiplier(model, int(k), scaling) for k in ks])  # over the model's alpha/r
         self.forward = torch.where(j[None, :] < ks[:, None], mult[:, None], 0.0).to(device)  # [r, r]
         upd = (j[None, :] == ks[:, None] - 1) if cfg.dylora_frozen else (j[None, :] < ks[:, None])
         self.update = upd.to(device)                                                         # [r, r]
