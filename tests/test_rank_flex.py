@@ -108,6 +108,25 @@ def test_a_seed_whose_references_are_unfinished_is_left_out(bench):
     assert [c for c in table.columns if c.startswith("kept_") and c.count("_") == 1] == ["kept_1", "kept_2", "kept_4"]
 
 
+def test_a_seed_whose_plain_reference_has_only_svd_rows_is_left_out_with_a_warning(bench):
+    """Regression: seed 3 of `lora` swept with `--kinds svd` alone (no slice row at its own
+    rank 4) used to vanish from the table without a word; now a warning names the seed and
+    the missing rank."""
+    import shutil
+
+    from hybrid_lora.results import read_json
+
+    for name in ("lora_r1", "lora_r2", "lora", "matryoshka"):
+        shutil.copytree(bench / name / "seed1", bench / name / "seed3")
+        config = bench / name / "seed3" / "config.json"
+        config.write_text(config.read_text().replace('"seed": 1', '"seed": 3'))
+    sweep = bench / "lora" / "seed3" / "sweep.json"
+    write_json_atomic(sweep, [{**row, "kind": "svd"} for row in read_json(sweep)])
+    with pytest.warns(UserWarning, match=r"seed 3 left out .* final B: .* at rank \[4\]"):
+        table, ref = rank_flex_benchmark(bench, "final", "B")
+    assert (table["n_seeds"] == 2).all() and ref.loc[0, "n_seeds"] == 2
+
+
 def test_aurac_is_compared_with_svd_of_the_reference_paired_by_seed(bench):
     """Seed 1's SVD cuts keep 0.9, 0.95, 1 of the gain (AURAC 0.95), seed 2's 0.8, 0.9, 1 (0.9);
     matryoshka's AURAC is 0.78125 in both seeds, so the differences are -0.16875 and -0.11875."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 from ..methods import get_method
@@ -59,10 +60,23 @@ def _time_ratio(run: tuple[str, list[float]], reference: tuple[str, list[float]]
     return min(times) / min(ref_times)
 
 
+def _warn_unfinished(refs: dict, ranks: list[int], reference: str, adapter: str, domain: str) -> None:
+    """Warn, once per seed, that a seed lacking a reference's own-rank slice row is left out."""
+    for seed in sorted(refs):
+        missing = sorted(set(ranks) - set(refs[seed]))
+        if missing:
+            warnings.warn(
+                f"seed {seed} left out of the rank-flexibility comparison on {adapter} {domain}: no slice row at "
+                f"its own rank for the reference(s) at rank {missing} ({reference!r} or {reference}_r<k>). "
+                f"If those runs have finished, sweep them: sweep-ranks --run <run>/seed{seed} "
+                f"--ranks <its rank> --kinds slice", stacklevel=3)
+
+
 def per_seed_shares(sweeps, adapter: str, domain: str, reference: str = "lora", key: str = "loss"):
     """{(run, kind, scaling): {seed: {rank: kept share}}} against the per-rank references, and
     {seed: {rank: reference value}}; ranks are those of the references, and only seeds whose
-    references are all finished count (a grid still running gives no half-compared seed)."""
+    references are all finished count (a grid still running gives no half-compared seed; a seed
+    with some references swept but not all is named in a warning)."""
     at = sweeps[(sweeps["adapter"] == adapter) & (sweeps["domain"] == domain)]
     own = at[at["rank"] == at["adapter_rank"]]
     refs = {}
@@ -73,6 +87,7 @@ def per_seed_shares(sweeps, adapter: str, domain: str, reference: str = "lora", 
     if not refs:
         raise ValueError(f"no reference runs {reference!r} / {reference}_r<k> swept on {adapter} {domain}")
     ranks = sorted(set.union(*(set(r) for r in refs.values())))
+    _warn_unfinished(refs, ranks, reference, adapter, domain)
     refs = {seed: r for seed, r in refs.items() if set(r) == set(ranks)}  # seeds with every reference
     sign = 1.0 if key == "loss" else -1.0
     shares = {}
