@@ -46,6 +46,16 @@ def bench(tmp_path):
     return tmp_path
 
 
+def copy_seed1_as_seed3(bench, names):
+    """Seed 3 of each run in `names`: a copy of its seed 1 with the seed in config.json changed."""
+    import shutil
+
+    for name in names:
+        shutil.copytree(bench / name / "seed1", bench / name / "seed3")
+        config = bench / name / "seed3" / "config.json"
+        config.write_text(config.read_text().replace('"seed": 1', '"seed": 3'))
+
+
 def test_aurac_by_hand():
     assert aurac({1: 1.0, 2: 1.0, 4: 1.0}) == 1.0
     assert aurac({1: 0.75, 2: 0.75, 4: 0.875}) == pytest.approx(((0.75 + 0.75) / 2 + (0.75 + 0.875) / 2) / 2)
@@ -97,12 +107,7 @@ def test_table_command_prints_the_chosen_rows_and_writes_every_row(bench, capsys
 
 def test_a_seed_whose_references_are_unfinished_is_left_out(bench):
     """A grid still running: seed 3 has lora and matryoshka but no lora_r1 / lora_r2 yet."""
-    import shutil
-
-    for name in ("lora", "matryoshka"):
-        shutil.copytree(bench / name / "seed1", bench / name / "seed3")
-        config = bench / name / "seed3" / "config.json"
-        config.write_text(config.read_text().replace('"seed": 1', '"seed": 3'))
+    copy_seed1_as_seed3(bench, ("lora", "matryoshka"))
     table, ref = rank_flex_benchmark(bench, "final", "B")
     assert (table["n_seeds"] == 2).all() and ref.loc[0, "n_seeds"] == 2
     assert [c for c in table.columns if c.startswith("kept_") and c.count("_") == 1] == ["kept_1", "kept_2", "kept_4"]
@@ -112,14 +117,9 @@ def test_a_seed_whose_plain_reference_has_only_svd_rows_is_left_out_with_a_warni
     """Regression: seed 3 of `lora` swept with `--kinds svd` alone (no slice row at its own
     rank 4) used to vanish from the table without a word; now a warning names the seed and
     the missing rank."""
-    import shutil
-
     from hybrid_lora.results import read_json
 
-    for name in ("lora_r1", "lora_r2", "lora", "matryoshka"):
-        shutil.copytree(bench / name / "seed1", bench / name / "seed3")
-        config = bench / name / "seed3" / "config.json"
-        config.write_text(config.read_text().replace('"seed": 1', '"seed": 3'))
+    copy_seed1_as_seed3(bench, ("lora_r1", "lora_r2", "lora", "matryoshka"))
     sweep = bench / "lora" / "seed3" / "sweep.json"
     write_json_atomic(sweep, [{**row, "kind": "svd"} for row in read_json(sweep)])
     with pytest.warns(UserWarning, match=r"seed 3 left out .* final B: .* at rank \[4\]"):

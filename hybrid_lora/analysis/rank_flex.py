@@ -61,7 +61,7 @@ def _time_ratio(run: tuple[str, list[float]], reference: tuple[str, list[float]]
 
 
 def _warn_unfinished(refs: dict, ranks: list[int], reference: str, adapter: str, domain: str) -> None:
-    """Warn, once per seed, that a seed lacking a reference's own-rank slice row is left out."""
+    """Warn for each seed that lacks some reference's own-rank slice row: it is left out."""
     for seed in sorted(refs):
         missing = sorted(set(ranks) - set(refs[seed]))
         if missing:
