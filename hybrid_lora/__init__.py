@@ -17,7 +17,7 @@ _EXPORTS = {
     "allocation": ("save_allocated",),
     "analysis.allocation_results": ("allocation_markdown", "allocation_table", "per_input_table", "rank_maps"),
     "per_input": ("per_input_run",),
-    "analysis.cl_results": ("cl_table", "matched_gain_table", "r_matrix"),
+    "analysis.cl_results": ("cl_table", "matched_gain_table", "matched_per_seed", "r_matrix"),
     "analysis.markdown": ("markdown_table",),
     "config": ("SEQUENCES", "ExperimentConfig", "from_preset"),
     "evaluate": ("evaluate_loss_and_token_acc",),

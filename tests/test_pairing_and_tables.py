@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 import hybrid_lora.runs as train_mod
 from hybrid_lora.adapters import build_model, load_adapter
-from hybrid_lora.analysis.cl_results import CL_MARKDOWN, MATCHED_MARKDOWN, cl_table, matched_gain_table
+from hybrid_lora.analysis.cl_results import (CL_MARKDOWN, MATCHED_MARKDOWN, cl_table, matched_gain_table,
+                                            matched_per_seed)
 from hybrid_lora.analysis.markdown import markdown_table
 from hybrid_lora.grid import lambda_grid
 from hybrid_lora.data import make_loaders
@@ -137,6 +138,34 @@ def test_forgetting_at_matched_gain_is_chosen_on_validation_and_read_on_test(tmp
     assert t.loc["l2", "n_seeds"] == 2 and t.loc["l2", "lambdas"] == "0.01,0.1,1"
     assert t.loc["ewc", "n_seeds"] == 0 and math.isnan(t.loc["ewc", "forget"])
     assert "| l2 |  | 0.01,0.1,1 | 0.0178 | 2 | +0.2500 ± 0.0000 |" in markdown_table(t.reset_index(), MATCHED_MARKDOWN)
+
+
+def test_matched_per_seed_pairs_two_methods_at_each_seed(tmp_path):
+    """Two penalties at matched gain, seed by seed, on hand numbers: the target is 0.9 x 2.0 on
+    validation at every seed; l2 crosses it a quarter of the way from 0.01 to 0.1 (forgetting
+    0.25), ewc half way from 10 to 100 (forgetting 0.1 at seed 1, 0.3 at seed 2). Seed 3's
+    l2 never reaches it and has no row; ewc has no run at seed 3. The table's means are the
+    per-seed rows' means."""
+    for seed, lora_forget, ewc_forgets in ((1, 0.6, (0.2, 0.0)), (2, 0.5, (0.4, 0.2)), (3, 0.5, None)):
+        _run(tmp_path, "lora", "lora", seed, *_curve(lora_forget, 2.0, 2.0))
+        l2 = ((0.01, 0.3, 1.95, 1.9), (0.1, 0.1, 1.45, 1.5)) if seed < 3 else ((0.01, 0.3, 1.7, 1.7), (0.1, 0.1, 1.5, 1.5))
+        for lam, forget, test_gain, val_gain in l2:
+            _run(tmp_path, f"l2_lam{lam:g}", "l2", seed, *_curve(forget, test_gain, val_gain), lam=lam)
+        for lam, forget, val_gain in zip((10.0, 100.0), ewc_forgets or (), (1.9, 1.7)):
+            _run(tmp_path, f"ewc_lam{lam:g}", "ewc", seed, *_curve(forget, val_gain, val_gain), lam=lam)
+    rows = matched_per_seed(tmp_path, fraction=0.9).set_index(["method", "seed"])
+    assert sorted(rows.index) == [("ewc", 1), ("ewc", 2), ("l2", 1), ("l2", 2)]
+    assert rows.loc[("ewc", 1), "lambda"] == pytest.approx(10 ** 1.5)
+    assert rows.loc[("l2", 2), "lambda"] == pytest.approx(10 ** -1.75)
+    mix = rows.loc[("ewc", 2), "mix"]
+    assert [r for r, _ in mix] == ["ewc_lam10", "ewc_lam100", "lora"] and [w for _, w in mix] == pytest.approx([0.5, 0.5, -1])
+    ewc_minus_l2 = rows.loc["ewc", "forget"] - rows.loc["l2", "forget"]
+    assert list(ewc_minus_l2) == pytest.approx([0.1 - 0.25, 0.3 - 0.25])
+    assert list(rows.loc["ewc", "d_forget"]) == pytest.approx([0.1 - 0.6, 0.3 - 0.5])
+    assert list(rows.loc["ewc", "d_gain"]) == pytest.approx([-0.2, -0.2])
+    t = matched_gain_table(tmp_path, fraction=0.9).set_index("method")
+    assert t.loc["ewc", "forget"] == pytest.approx(0.2) and t.loc["ewc", "n_seeds"] == 2
+    assert t.loc["l2", "n_seeds"] == 2 and t.loc["l2", "d_forget"] == pytest.approx((-0.35 - 0.25) / 2)
 
 
 def test_lambda_grid_has_three_points_per_decade():
