@@ -130,19 +130,9 @@ def _crossing(lams, values, target):
     return None
 
 
-def matched_per_seed(out: str | Path, fraction: float = 0.9, baseline: str = BASELINE):
-    """One row per (method, DC variant, seed) at a matched gain on the new domain: method,
-    variant, seed, lambda (lambda*), forget and gain (test `delta_loss_first` and `new_gain` at
-    lambda*), d_forget and d_gain (minus the baseline's of the same seed), mix (the runs and
-    weights that make lambda*, the baseline's at -1), lambdas (the method's grid).
-
-    Only methods with runs at two or more lambdas. The target is `fraction` x the baseline's
-    gain on the new domain *on the validation texts* (`val_new_gain`, carved from the training
-    pool); lambda* is where the method's validation gain reaches it, linear in log(lambda)
-    between the two grid points around it, and the test numbers are read with the same
-    weights (the test split never chooses anything). A seed whose curve never reaches the
-    target, or that has no baseline run, has no row. Rows of two methods at one seed are paired:
-    their difference is a comparison of the methods at matched gain."""
+def _matched(out: str | Path, fraction: float, baseline: str):
+    """({(method, variant): its lambda grid "l1,l2,..."} of every method swept over two or more
+    lambdas, and the rows of `matched_per_seed`)."""
     import pandas as pd
 
     if not 0 < fraction <= 1:  # NaN fails too
@@ -154,11 +144,11 @@ def matched_per_seed(out: str | Path, fraction: float = 0.9, baseline: str = BAS
     if s["val_new_gain"].isna().all():
         raise ValueError(f"{out}: no validation numbers (R_val); run with n_val > 0")
     base = s[s["run"] == baseline].set_index("seed")
-    rows = []
+    swept, rows = {}, []
     for (method, variant), group in s[s["lambda"].notna()].groupby(["method", "variant"], sort=False):
         if group["lambda"].nunique() < 2:
             continue
-        lambdas = ",".join(f"{x:g}" for x in sorted(group["lambda"].unique()))
+        swept[method, variant] = ",".join(f"{x:g}" for x in sorted(group["lambda"].unique()))
         for seed, g in group.groupby("seed"):
             if seed not in base.index:
                 continue
@@ -169,41 +159,54 @@ def matched_per_seed(out: str | Path, fraction: float = 0.9, baseline: str = BAS
                 continue
             j, t = hit
             at = lambda col: (1 - t) * g[col].iloc[j] + t * g[col].iloc[j + 1]  # noqa: E731
-            rows.append({"method": method, "variant": variant, "seed": seed, "lambdas": lambdas,
+            rows.append({"method": method, "variant": variant, "seed": seed, "lambdas": swept[method, variant],
                          "lambda": math.exp((1 - t) * lams[j] + t * lams[j + 1]),
                          "forget": at("delta_loss_first"), "gain": at("new_gain"),
                          "d_forget": at("delta_loss_first") - base.at[seed, "delta_loss_first"],
                          "d_gain": at("new_gain") - base.at[seed, "new_gain"],
                          "mix": ((g["run"].iloc[j], 1 - t), (g["run"].iloc[j + 1], t), (baseline, -1.0))})
-        if not any(r["method"] == method and r["variant"] == variant for r in rows):
-            rows.append({"method": method, "variant": variant, "seed": math.nan, "lambdas": lambdas})
     columns = ["method", "variant", "seed", "lambdas", "lambda", "forget", "gain", "d_forget", "d_gain", "mix"]
-    return pd.DataFrame(rows, columns=columns)
+    return swept, pd.DataFrame(rows, columns=columns)
+
+
+def matched_per_seed(out: str | Path, fraction: float = 0.9, baseline: str = BASELINE):
+    """One row per (method, DC variant, seed) at a matched gain on the new domain: method,
+    variant, seed, lambdas (the method's grid), lambda (lambda*), forget and gain (test
+    `delta_loss_first` and `new_gain` at lambda*), d_forget and d_gain (minus the baseline's of
+    the same seed), mix (the runs and weights that make lambda*, the baseline's at -1).
+
+    Only methods with runs at two or more lambdas. The target is `fraction` x the baseline's
+    gain on the new domain *on the validation texts* (`val_new_gain`, carved from the training
+    pool); lambda* is where the method's validation gain reaches it, linear in log(lambda)
+    between the two grid points around it, and the test numbers are read with the same
+    weights (the test split never chooses anything). A seed whose curve never reaches the
+    target, or that has no baseline run, has no row. Rows of two methods at one seed are paired:
+    their difference is a comparison of the methods at matched gain."""
+    return _matched(out, fraction, baseline)[1]
 
 
 def matched_gain_table(out: str | Path, fraction: float = 0.9, baseline: str = BASELINE,
                        level: float = 0.95, n_boot: int = 2000):
     """Forgetting of each regularized method at a matched gain on the new domain
     (`matched_per_seed`, which says how lambda* is chosen on validation and read on test), one
-    row per (method, DC variant): the mean over seeds of forget and gain, and the difference
-    from the baseline with a paired t-interval over seeds. Seeds whose curve never reaches the
-    target are left out (`n_seeds` counts the rest). `d_forget_seq` (`_lo`, `_hi`): the
-    same difference averaged over those seeds with a paired bootstrap over the evaluation
-    sequences, training held fixed (as `cl_table`'s `d_forget`): the only interval one seed has,
-    and not one for a claim about methods."""
+    row per (method, DC variant) swept over two or more lambdas: the mean over seeds of forget
+    and gain, and the difference from the baseline with a paired t-interval over seeds. Seeds
+    whose curve never reaches the target are left out (`n_seeds` counts the rest, 0 when none
+    reaches it). `d_forget_seq` (`_lo`, `_hi`): the same difference averaged over those seeds
+    with a paired bootstrap over the evaluation sequences, training held fixed (as `cl_table`'s
+    `d_forget`): the only interval one seed has, and not one for a claim about methods."""
     import pandas as pd
 
-    per_seed = matched_per_seed(out, fraction, baseline)
+    swept, per_seed = _matched(out, fraction, baseline)
     rows = []
-    for (method, variant), group in per_seed.groupby(["method", "variant"], sort=False):
-        p = group[group["seed"].notna()]
-        row = {"method": method, "variant": variant, "fraction": fraction, "n_seeds": len(p),
-               "lambdas": group["lambdas"].iloc[0]}
-        seq = bootstrap_mix(out, [(int(r.seed), r.mix) for r in p.itertuples()], "delta_loss", n_boot, level)
+    for (method, variant), lambdas in swept.items():
+        p = per_seed[(per_seed["method"] == method) & (per_seed["variant"] == variant)]
+        row = {"method": method, "variant": variant, "fraction": fraction, "n_seeds": len(p), "lambdas": lambdas}
+        seq = bootstrap_mix(out, list(zip(p["seed"], p["mix"])), "delta_loss", n_boot, level)
         row["d_forget_seq"], row["d_forget_seq_lo"], row["d_forget_seq_hi"] = seq
-        row["lambda_star"] = float(np.exp(np.log(p["lambda"].astype(float)).mean())) if len(p) else math.nan
+        row["lambda_star"] = float(np.exp(np.log(p["lambda"]).mean())) if len(p) else math.nan
         for col in ("forget", "gain"):
-            row[col], row[f"{col}_sd"] = p[col].astype(float).mean(), p[col].astype(float).std()
+            row[col], row[f"{col}_sd"] = p[col].mean(), p[col].std()
         for col in ("d_forget", "d_gain"):
             row[col], row[f"{col}_lo"], row[f"{col}_hi"] = paired_t_interval(list(p[col]), level)
         rows.append(row)
