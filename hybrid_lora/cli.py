@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "seed-level CIs, lambdas chosen on validation texts; writes rank_flex_<adapter>_<domain>.csv")
     table.add_argument("--paper", action="store_true",
                        help="instead: the paper's table (A before / after, B, forgetting, retention, LoRA "
-                            "parameters; mean [95% t-interval] over seeds) and its claims as paired differences; "
+                            "parameters; mean [95%% t-interval] over seeds) and its claims as paired differences; "
                             "writes paper_table.csv, paper_claims.csv, stage2_curve.csv")
     table.add_argument("--per-input", metavar="RUN",
                        help="instead: rank per input of RUN's per_input.json files (command per-input) against "

@@ -1,4 +1,5 @@
 """Bad inputs and faults end in one clear error (issue 15), never in a run that looks fine."""
+import argparse
 import dataclasses
 import json
 import math
@@ -325,6 +326,20 @@ def test_cli_answers_without_importing_torch():
     assert proc.stdout.strip() == "[]", proc.stderr
     help_ = cli("run", "--help", timeout=60)
     assert help_.returncode == 0 and "--debug" in help_.stdout
+
+
+def test_every_subcommand_prints_its_help():
+    """Regression: `table --help` raised ValueError (a bare '%' in the help of --paper, which
+    argparse reads as a format); every subcommand's help must format."""
+    from hybrid_lora.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"run", "table", "plot", "sweep-ranks", "export"} <= set(subparsers.choices)
+    for name, sub in subparsers.choices.items():
+        text = sub.format_help()
+        assert text.startswith("usage: python -m hybrid_lora " + name), name
+    assert "mean [95% t-interval] over seeds" in " ".join(subparsers.choices["table"].format_help().split())
 
 
 def test_public_names_still_import_from_the_package():
