@@ -282,6 +282,39 @@ def plot_per_input(table, run: str):
     return fig
 
 
+def plot_rank_share(out, adapter: str = "stage1", domain: str = "A", reference: str = "lora", goal: float = 0.98):
+    """The share of the per-rank reference's loss gain that each compared cut keeps, against
+    rank (log2 axis): one line per row of `rank_flex_benchmark` chosen on validation texts, its
+    mean with 95 % t-intervals over seeds as error bars (lines shifted a little sideways so
+    the bars do not overlap), and the line at `goal`."""
+    from .analysis.rank_flex import rank_flex_benchmark
+
+    table, _ = rank_flex_benchmark(out, adapter, domain, reference)
+    ranks = [int(c[len("kept_"):]) for c in table.columns if c.startswith("kept_") and c.count("_") == 1]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    rows = table[table["chosen"]].sort_values("aurac", ascending=False)
+    for i, t in enumerate(rows.itertuples()):
+        mean = [getattr(t, f"kept_{k}") for k in ranks]
+        dodge = 2 ** (0.04 * (i - (len(rows) - 1) / 2))  # side by side, so the intervals stay apart
+        err = [[m - getattr(t, f"kept_{k}_lo") for k, m in zip(ranks, mean)],
+               [getattr(t, f"kept_{k}_hi") - m for k, m in zip(ranks, mean)]]
+        ax.errorbar([k * dodge for k in ranks], mean, yerr=err, color=f"C{i % 10}", ls="--" if t.kind == "svd" else "-",
+                    marker="o", ms=4, capsize=3,
+                    label=f"{t.run} ({'SVD' if t.kind == 'svd' else 'slice'}), AURAC {t.aurac:.3f}")
+    ax.axhline(goal, color="black", ls=":", lw=1, label=f"goal: {goal:g} of the reference at every rank")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel("rank the adapter is cut to (log2 axis)")
+    ax.set_ylabel(f"share of the gain of {reference} trained at that rank (loss on {domain})")
+    ax.set_ylim(max(-0.1, min(0.0, ax.get_ylim()[0])), 1.1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{'Stage-1' if adapter == 'stage1' else 'Final'} adapter on {domain}: share kept at each rank "
+                 f"(mean, 95 % CI over {int(table['n_seeds'].max())} seeds)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Save as PNG (150 dpi), creating folders, through a temporary file: an interruption or a
     full disk (`results.DiskFull`) never leaves a half-written figure; returns the path."""
@@ -346,7 +379,7 @@ def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ())
         if want(f"per_input_{run}"):
             paths.append(save_figure(plot_per_input(per_input_table(out, run), run),
                                      Path(image_dir) / f"per_input_{run}.png"))
-    if only and not (want("rank_sweep") or want("rank_flex")):
+    if only and not (want("rank_sweep") or want("rank_flex") or want("rank_share")):
         return paths
     try:
         sweeps = load_sweeps(out)
@@ -358,6 +391,9 @@ def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ())
             if want(f"rank_flex_{adapter}_{domain}"):
                 paths.append(save_figure(plot_rank_flex(out, adapter, domain),
                                          Path(image_dir) / f"rank_flex_{adapter}_{domain}.png"))
+            if want(f"rank_share_{adapter}_{domain}"):
+                paths.append(save_figure(plot_rank_share(out, adapter, domain),
+                                         Path(image_dir) / f"rank_share_{adapter}_{domain}.png"))
         return paths
     for adapter, domain in sweeps[["adapter", "domain"]].drop_duplicates().itertuples(index=False):
         if want(f"rank_sweep_{adapter}_{domain}"):

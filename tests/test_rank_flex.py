@@ -91,6 +91,27 @@ def test_figure_has_the_chosen_lines_and_the_reference_points(bench):
     assert fig.axes[0].get_xlabel().startswith("rank") and "loss" in fig.axes[0].get_ylabel()
 
 
+def test_share_figure_draws_the_hand_computed_shares_of_the_chosen_rows(bench, tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from hybrid_lora.plots import plot_all, plot_rank_share
+
+    fig = plot_rank_share(bench, "final", "B")
+    ax = fig.axes[0]
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}  # one errorbar per row
+    aurac_in_label = {label.split(", AURAC ")[0]: float(label.split(", AURAC ")[1]) for label in lines}
+    # by hand: lora keeps 0.25, 0.25, 1 (0.4375); dylora_lam0.01 0.05, 0.05, 0.125 (0.06875)
+    assert aurac_in_label == pytest.approx({"dylora_lam0.01 (slice)": 0.06875, "lora (slice)": 0.4375,
+                                            "matryoshka (slice)": 0.78125}, abs=6e-4)  # not dylora
+    m = lines["matryoshka (slice), AURAC 0.781"]
+    assert list(m.get_ydata()) == pytest.approx([0.15 / 0.2, 0.3 / 0.4, 0.7 / 0.8])
+    assert list(m.get_xdata() / [1, 2, 4]) == pytest.approx([m.get_xdata()[0]] * 3)  # one sideways shift
+    assert 0.9 < m.get_xdata()[0] < 1.1
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_label().startswith("goal")] == [0.98]
+    paths = plot_all(bench, tmp_path / "img", only=("rank_share",))
+    assert sorted(p.name for p in paths) == ["rank_share_final_B.png", "rank_share_stage1_A.png"]
+
+
 def test_table_command_prints_the_chosen_rows_and_writes_every_row(bench, capsys):
     import pandas as pd
 
