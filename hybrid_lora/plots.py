@@ -127,6 +127,32 @@ def plot_cos_to_stage1(history):
     return fig
 
 
+def plot_stage2_curve(curve, title: str = ""):
+    """The paper's Stage-2 curve from `analysis.paper_results.stage2_curve`: evaluation loss on
+    B per Stage-2 epoch of every run, mean with its 95 % t-interval over seeds (none for one
+    seed), the LoRA rank of each epoch written beside its point."""
+    if curve.empty:
+        raise ValueError("no Stage-2 rows (runs of one stage only)")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (run, g) in enumerate(curve.groupby("run", sort=False)):
+        g = g.sort_values("epoch")
+        err = [(g["eval_loss"] - g["eval_loss_lo"]).fillna(0.0), (g["eval_loss_hi"] - g["eval_loss"]).fillna(0.0)]
+        ax.errorbar(g["epoch"], g["eval_loss"], yerr=err, color=f"C{i % 10}", marker="o", capsize=3,
+                    label=f"{run} (n = {int(g['n_seeds'].min())})")
+        for epoch, loss, rank in zip(g["epoch"], g["eval_loss"], g["rank"]):
+            ax.annotate(f"r={rank}", (epoch, loss), xytext=(5, 2), textcoords="offset points",
+                        fontsize=7, color=f"C{i % 10}")
+    ax.set_xticks(sorted(curve["epoch"].unique()))
+    ax.set_xlabel("Stage-2 epoch (the LoRA rank of each epoch beside its point)")
+    ax.set_ylabel("evaluation loss on B (nats / token)")
+    ax.set_title(title or "Stage 2: loss on the new domain while the rank falls (mean, 95 % CI over seeds)",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_rank_sweep(sweeps, adapter: str = "final", domain: str = "B", svd_methods=("lora",)):
     """Loss (left) and accuracy (right) versus rank (log2 axis) of one adapter on one domain,
     every run sliced, and SVD-truncated for the runs of `svd_methods` (the baselines; all
@@ -340,6 +366,8 @@ def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ())
     those whose file name starts with one of its entries, e.g. ("pareto",)); returns the PNG paths."""
     from .analysis.allocation_results import per_input_table, rank_maps
     from .analysis.cl_results import BASELINE, cl_table
+    from .analysis.paper_results import stage2_curve
+    from .methods import get_method
     from .results import ALLOCATION_FILE, PER_INPUT_FILE, load_history, load_summary
     from .analysis.sweep_results import load_sweeps
 
@@ -358,6 +386,9 @@ def plot_all(out: str | Path, image_dir: str | Path, only: tuple[str, ...] = ())
         paths.append(save_figure(plot_val_curves(history), Path(image_dir) / "val_curves.png"))
     if history["cos_to_stage1"].notna().any() and want("cos_to_stage1"):
         paths.append(save_figure(plot_cos_to_stage1(history), Path(image_dir) / "cos_to_stage1.png"))
+    if (summary["method"].map(lambda m: get_method(m).scheduled).any() and (history["stage"] == 2).any()
+            and want("stage2_curve")):  # the paper's rank schedule
+        paths.append(save_figure(plot_stage2_curve(stage2_curve(out)), Path(image_dir) / "stage2_curve.png"))
     if ((summary["run"] == BASELINE).any() and summary["run"].nunique() > 1
             and summary["delta_loss_first"].notna().any() and want("pareto")):  # schema 2: no R
         domains = " → ".join(summary["domains"].iloc[0].split(">"))

@@ -112,7 +112,7 @@ def test_sweep_notebook_skips_the_finished_run_and_runs_the_rest(executed):
 
 def test_plots_notebook_redraws_every_figure(executed):
     images = sorted(p.name for p in (executed["work"] / "images").glob("*.png"))
-    assert images == sorted(["methods_acc.png", "methods_loss.png", "cos_to_stage1.png", "pareto.png"]
+    assert images == sorted(["methods_acc.png", "methods_loss.png", "cos_to_stage1.png", "pareto.png", "stage2_curve.png"]
                             + [f"history_{m}_seed{s}.png" for m in ("lora", "dylora", "dc", "hybrid")
                                for s in (42, 43)]
                             + [f"rank_sweep_{a}_{d}.png" for a in ("stage1", "final") for d in "AB"])

@@ -71,10 +71,26 @@ def test_cos_plot_has_one_line_per_method_over_stage2_epochs(results):
     assert list(lines["lora"].get_ydata()) == pytest.approx([1 - 0.1 - 0.015, 1 - 0.15 - 0.015, 1 - 0.2 - 0.015])
 
 
+def test_stage2_curve_is_the_mean_loss_on_b_per_epoch_with_each_rank_written(results):
+    from hybrid_lora.analysis.paper_results import stage2_curve
+    from hybrid_lora.plots import plot_stage2_curve
+
+    fig = plot_stage2_curve(stage2_curve(results))
+    ax = fig.axes[0]
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}
+    assert set(lines) == {"lora (n = 2)", "hybrid (n = 2)"}
+    assert list(lines["hybrid (n = 2)"].get_xdata()) == [1, 2, 3]
+    # Stage-2 epochs are history rows 2, 3, 4: loss 5 - 0.1 i, hybrid 0.05 lower, equal over seeds
+    assert list(lines["hybrid (n = 2)"].get_ydata()) == pytest.approx([4.75, 4.65, 4.55])
+    assert list(lines["lora (n = 2)"].get_ydata()) == pytest.approx([4.8, 4.7, 4.6])
+    assert sorted(t.get_text() for t in ax.texts) == ["r=2", "r=4"] + ["r=8"] * 4  # hybrid 8, 4, 2; lora 8 x 3
+    assert "rank" in ax.get_xlabel() and "loss on B" in ax.get_ylabel()
+
+
 def test_plot_command_writes_pngs(results, tmp_path, capsys):
     assert main(["plot", "--results", str(results), "--images", str(tmp_path)]) == 0
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == sorted(["methods_acc.png", "methods_loss.png", "cos_to_stage1.png", "pareto.png"]
+    assert pngs == sorted(["methods_acc.png", "methods_loss.png", "cos_to_stage1.png", "pareto.png", "stage2_curve.png"]
                           + [f"history_{m}_seed{s}.png" for m in ("lora", "hybrid") for s in (1, 2)])
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert read_json(results / "lora" / "seed1" / "config.json")["method"] == "lora"  # inputs untouched
