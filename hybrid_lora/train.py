@@ -24,7 +24,7 @@ from .evaluate import autocast, choose_amp_dtype, evaluate_loss_and_token_acc, m
 from .data import IGNORE_INDEX
 from .distributed import all_reduce, all_reduce_grads, gather_objects, shard, world
 from .families import enable_gradient_checkpointing
-from .losses import causal_lm_sums, orthogonality_penalty, ordering_penalty
+from .losses import causal_lm_sums, cosine_distance, orthogonality_penalty, ordering_penalty
 from .methods import Method
 from .nested import nested_training
 from .ranks import rotate_to_svd
@@ -455,7 +455,7 @@ class _StageLoop:
         cos = None
         if w_prev is not None:
             with torch.no_grad():
-                cos = torch.nn.functional.cosine_similarity(w_prev, flatten_factors(factors), dim=0).item()
+                cos = 1.0 - cosine_distance(w_prev, flatten_factors(factors)).item()
         steps = max(sums["steps"], 1)
         sums["ce"], sums["tokens"] = all_reduce(sums["ce"]), all_reduce(sums["tokens"])  # all processes' rows
         dc_end, dc_grad = _probe(terms["dc"], factors) if "dc" in terms else (None, None)

@@ -60,6 +60,25 @@ def test_dc_loss_matches_formula_zero_when_equal_gradient_when_different():
     assert torch.autograd.gradcheck(lambda w: domain_correlation_loss(w_prev, w, 0.3), (w_cur,))
 
 
+def test_dc_loss_is_accurate_in_fp32_for_a_large_adapter_barely_moved():
+    """Regression: DC and `cos_to_stage1` used F.cosine_similarity, whose fp32 sums err by
+    about 4e-4 at 7.4M elements (SmolLM2's r = 64 attention adapter): cosines above 1 in
+    history.json, and 1 - cos wrong by several times early in Stage 2. Reference: float64."""
+    from hybrid_lora.losses import cosine_distance, dc_per_module
+
+    g = torch.Generator().manual_seed(0)
+    w_prev = torch.randn(7_372_800, generator=g) * 0.01
+    for step in (1e-4, 1e-2, 1.0):  # 1 - cos about 5e-9, 5e-5, 0.29
+        w_cur = w_prev + step * 0.01 * torch.randn(w_prev.numel(), generator=g)
+        p, c = w_prev.double(), w_cur.double()
+        ref = 1 - (p @ c / (p.norm() * c.norm())).item()
+        assert domain_correlation_loss(w_prev, w_cur, 1.0).item() == pytest.approx(ref, rel=2e-3)
+    assert cosine_distance(torch.zeros(3), torch.ones(3)).item() == 1.0  # cos of a zero vector: 0
+    halves = [(w_prev[:8].view(2, 4), w_prev[8:16].view(4, 2))]  # one module, as [A, B]
+    assert dc_per_module(halves, [torch.ones(16)], 0.5).item() == pytest.approx(
+        0.5 * (1 - (w_prev[:16].double().sum() / (w_prev[:16].double().norm() * 4))).item(), rel=1e-5)
+
+
 def test_dc_loss_rejects_length_mismatch():
     with pytest.raises(ValueError, match="w_prev has 4 elements, w_cur has 3"):
         domain_correlation_loss(torch.ones(4), torch.ones(3), 0.1)
