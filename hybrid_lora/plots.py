@@ -127,6 +127,15 @@ def plot_cos_to_stage1(history):
     return fig
 
 
+def _finish(fig, ax, title: str, legend_size: int = 8):
+    """Title (10 pt), legend, grid and tight layout of a one-axes figure; returns `fig`."""
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=legend_size, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_stage2_curve(curve, title: str = ""):
     """The paper's Stage-2 curve from `analysis.paper_results.stage2_curve`: evaluation loss on
     B per Stage-2 epoch of every run, mean with its 95 % t-interval over seeds (none for one
@@ -145,12 +154,7 @@ def plot_stage2_curve(curve, title: str = ""):
     ax.set_xticks(sorted(curve["epoch"].unique()))
     ax.set_xlabel("Stage-2 epoch (the LoRA rank of each epoch beside its point)")
     ax.set_ylabel("evaluation loss on B (nats / token)")
-    ax.set_title(title or "Stage 2: loss on the new domain while the rank falls (mean, 95 % CI over seeds)",
-                 fontsize=10)
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title or "Stage 2: loss on the new domain while the rank falls (mean, 95 % CI over seeds)")
 
 
 def plot_rank_sweep(sweeps, adapter: str = "final", domain: str = "B", svd_methods=("lora",)):
@@ -250,12 +254,7 @@ def plot_pareto(table, title: str = ""):
     ax.axhline(0.0, color="grey", lw=1, ls=":")
     ax.set_xlabel("gain on the new domain: base loss − final loss (nats / token)")
     ax.set_ylabel("forgetting on the first domain:\nfinal loss − loss after its stage (nats / token)")
-    ax.set_title(title or "Learning versus forgetting (mean ± s.d. over seeds; lower right is better)",
-                 fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title or "Learning versus forgetting (mean ± s.d. over seeds; lower right is better)", 7)
 
 
 def plot_rank_map(maps: dict, run: str):
