@@ -58,6 +58,7 @@ TINY_MODELS = {TINY_MODEL: "gpt2", "tiny-random-llama": "llama", "tiny-random-qw
 TARGET_KEYWORDS = ("attention", "all-linear")  # target_modules spellings that stand alone
 DEVICES = ("auto", "cpu", "cuda", "mps")
 REBUILD_SCALINGS = ("preserve", "peft")
+REBUILD_CUTS = ("slice", "svd")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 # Fields that do not change a run's numbers: a run may resume (or be skipped as complete)
 # under a config that differs from its saved config.json only in these.
@@ -68,7 +69,7 @@ RUN_INDEPENDENT_FIELDS += ("gradient_accumulation_steps", "gradient_checkpointin
                            "device")  # a run started on one device may go on on another
 # Fields that only stages 2, 3, ... read: they may change between a Stage-1-only call and
 # Stage 2, and runs that differ only in them share one Stage 1 (`share_stage1`).
-STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "rebuild_scaling",
+STAGE2_FIELDS = ("lambda_dc", "dc_variant", "rank_schedule", "epochs_stage2", "rebuild_scaling", "rebuild_cut",
                  "lambda_l2", "lambda_ewc", "lambda_olora", "replay_fraction", "ewc_samples",
                  "sweep_ranks", "sweep_kinds", "sweep_n_eval")
 # Fields read only after the last stage has trained (the rank sweep): an unfinished run may
@@ -125,6 +126,9 @@ class ExperimentConfig:
     dc_variant: str = "global"  # paper: cosine of all A, B flattened; "per_module"; "delta_w" (of B A)
     rank_schedule: tuple[int, ...] = (64, 32, 16)  # Stage-2 rank of each epoch; later stages keep the last
     rebuild_scaling: str = "preserve"  # "preserve" or "peft" (the original's alpha/r drift)
+    # which components a schedule cut keeps: "slice" (the first ones, the paper) or "svd" (the
+    # best rank-k approximation of each module's delta W: rotated into its SVD basis, then sliced)
+    rebuild_cut: str = "slice"
     # continual-learning baselines (methods l2, ewc, olora, replay); lambdas as in each paper's loss
     lambda_l2: float = 0.1      # sum over modules ||dW - dW_prev||_F^2
     lambda_ewc: float = 1e4     # sum F (theta - theta_prev)^2, F the mean per-sequence squared gradient
@@ -341,6 +345,8 @@ class ExperimentConfig:
                       f"(epochs_stage2={self.epochs_stage2}, got {len(self.rank_schedule)})")
         if self.rebuild_scaling not in REBUILD_SCALINGS:
             raise self._bad("rebuild_scaling", f"must be one of {REBUILD_SCALINGS}")
+        if self.rebuild_cut not in REBUILD_CUTS:
+            raise self._bad("rebuild_cut", f"must be one of {REBUILD_CUTS}")
 
     def _check_runs(self) -> None:
         """Methods and seeds."""

@@ -68,6 +68,8 @@ def grid(cfg: ExperimentConfig, lambdas: dict | None = None, suffix: str = "",
         if any(not isinstance(k, int) or k < 1 for k in ks):
             raise ValueError(f"--ranks {method}={ks}: ranks must be positive integers")
     per_seed = [(method + suffix, method, cfg) for method in cfg.methods]
+    for method in cfg.methods:  # every method's settings checked before any run starts
+        get_method(method).check_config(cfg)
     for method, values in (lambdas or {}).items():
         field = LAMBDA_FIELDS[get_method(method).regularizer()]
         for lam in values:

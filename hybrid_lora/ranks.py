@@ -19,7 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import ADAPTER, component_mask, load_adapter, lora_factors, snapshot_factors
+from .adapters import (ADAPTER, component_mask, load_adapter, lora_factors, rebuild_model_for_new_rank,
+                       snapshot_factors)
 from .allocation import mask_to_budget
 from .evaluate import evaluate_loss_and_token_acc
 from .results import read_json, write_json_atomic
@@ -107,6 +108,18 @@ def rotate_to_svd(model: nn.Module) -> None:
             a_new, b_new = svd_truncate_factors(a.detach(), b.detach(), a.shape[0])
             a.copy_(a_new)
             b.copy_(b_new)
+
+
+def cut_model_to_rank(model: nn.Module, new_r: int, cut: str = "slice", scaling: str = "preserve") -> nn.Module:
+    """`model` cut in place to rank `new_r` for further training (a rank schedule's step).
+    cut="slice": the first `new_r` components; "svd": each module's best rank-`new_r`
+    approximation of B A (rotated into its SVD basis, then sliced). `scaling` as in
+    `adapters.rebuild_model_for_new_rank`; the caller builds a new optimizer."""
+    if cut not in ("slice", "svd"):
+        raise ValueError(f"cut={cut!r}: must be 'slice' or 'svd'")
+    if cut == "svd":
+        rotate_to_svd(model)
+    return rebuild_model_for_new_rank(model, new_r, scaling=scaling)
 
 
 @contextmanager

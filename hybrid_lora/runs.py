@@ -163,6 +163,7 @@ def run_experiment(cfg: ExperimentConfig, method: str, seed: int, out_dir: str |
     (`check_same_run`, `check_fingerprints`); `NonFiniteLoss` on a loss or evaluation that is
     not finite (the run is then not marked complete).
     """
+    get_method(method).check_config(cfg)  # before the run's folder is made
     rd = run_dir(out_dir, name or method, seed)
     if (rd / "metrics.json").exists():  # complete: only read
         return _run_experiment(cfg, method, seed, out_dir, progress, stop_after_stage, rd)

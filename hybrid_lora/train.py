@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import (count_trainable_params, current_rank, flatten_factors, lora_factors,
-                       rebuild_model_for_new_rank)
+from .adapters import count_trainable_params, current_rank, flatten_factors, lora_factors
 from .allocation import allocating
 from .checkpoint import rng_state, set_rng_state
 from .config import ExperimentConfig
@@ -27,7 +26,7 @@ from .families import enable_gradient_checkpointing
 from .losses import causal_lm_sums, cosine_distance, orthogonality_penalty, ordering_penalty
 from .methods import Method
 from .nested import nested_training
-from .ranks import rotate_to_svd
+from .ranks import cut_model_to_rank, rotate_to_svd
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -262,7 +261,7 @@ def train_stage(model, cfg: ExperimentConfig, method: Method, stage: int, train_
             if epoch < start_epoch:
                 continue
             if rank != current_rank(model):
-                model = rebuild_model_for_new_rank(model, rank, cfg, scaling=rebuild_scaling)
+                model = cut_model_to_rank(model, rank, cfg.rebuild_cut, rebuild_scaling)
                 optimizer = make_optimizer(model, cfg)
             skip = start_step if epoch == start_epoch else 0
             last = epoch == len(ranks) and not evaluate_last

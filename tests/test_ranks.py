@@ -1,5 +1,6 @@
 """Rank flexibility: DyLoRA nested training, slicing conventions, SVD truncation, the rank sweep."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -8,8 +9,10 @@ import torch
 from hybrid_lora.adapters import ADAPTER, build_model, lora_factors, rebuild_model_for_new_rank
 from hybrid_lora.data import make_loaders
 from hybrid_lora.evaluate import evaluate_loss_and_token_acc
+from hybrid_lora.grid import grid
 from hybrid_lora.nested import nested_training, rank_distribution
-from hybrid_lora.ranks import lora_svd, rank_sweep, svd_truncate_factors
+from hybrid_lora.config import ExperimentConfig
+from hybrid_lora.ranks import cut_model_to_rank, lora_svd, rank_sweep, svd_truncate_factors
 from hybrid_lora.results import read_json, run_dir
 from hybrid_lora.analysis.sweep_results import gain_share, rank_auc, sweep_aucs
 from hybrid_lora.runs import run_experiment
@@ -232,3 +235,51 @@ def test_nested_and_small_methods_run_through_the_pipeline(tmp_path):
     assert 0 < nested["metrics"]["rank_auc_loss_stage1_A"] <= 1.5
     final_b = [r for r in sweep if (r["adapter"], r["domain"], r["kind"], r["rank"]) == ("final", "B", "slice", 2)]
     assert final_b[0]["acc"] == nested["metrics"]["B_after_stage2"]["acc"]  # own rank = the ordinary eval
+
+
+def delta_ws(model):
+    """Each module's scaling * B A in float64."""
+    return [(s * b.double() @ a.double()).detach() for _, a, b, s in lora_factors(model)]
+
+
+@pytest.mark.parametrize("scaling", ["preserve", "peft"])
+def test_svd_schedule_cut_keeps_each_modules_best_rank_k_delta_w(cfg, scaling):
+    model, _ = build_model(cfg)
+    randomize_lora(model)
+    before, k = delta_ws(model), 3
+    svd_cut = delta_ws(cut_model_to_rank(copy.deepcopy(model), k, "svd", scaling))
+    slice_cut = delta_ws(cut_model_to_rank(copy.deepcopy(model), k, "slice", scaling))
+    grow = 1.0 if scaling == "preserve" else R / k  # "peft" keeps alpha: alpha/r grows by r/k
+    for dw, got, sliced in zip(before, svd_cut, slice_cut):
+        u, s, vh = torch.linalg.svd(dw)  # Eckart-Young reference, from the full matrix
+        torch.testing.assert_close(got, grow * (u[:, :k] * s[:k] @ vh[:k]), atol=1e-5, rtol=1e-5)
+        assert torch.linalg.matrix_rank(sliced) == k
+        # the slice keeps a rank-k part too, but not the best one
+        assert torch.linalg.matrix_norm(dw - sliced / grow) > torch.linalg.matrix_norm(dw - got / grow) * 1.05
+    with pytest.raises(ValueError, match="cut='svdd'"):
+        cut_model_to_rank(model, k, "svdd")
+
+
+def test_svd_schedule_cut_shares_stage1_and_changes_only_stage2(tmp_path):
+    cfg = tiny_config(sweep_ranks=(), sweep_kinds=())
+    sliced = run_experiment(cfg, "dylora", 42, tmp_path, progress=False)
+    svd = run_experiment(dataclasses.replace(cfg, rebuild_cut="svd"), "dylora", 42, tmp_path,
+                         progress=False, name="dylora_svdcut")
+    assert read_json(run_dir(tmp_path, "dylora_svdcut", 42) / "stage1.json")["copied_from"] == "dylora/seed42"
+    assert [h["rank"] for h in svd["history"]] == [8, 8, 4, 2]
+    assert svd["history"][0] == sliced["history"][0]  # Stage 1: copied
+    assert svd["history"][1]["eval_loss"] == sliced["history"][1]["eval_loss"]  # the uncut first Stage-2 epoch
+    assert svd["history"][2]["eval_loss"] != sliced["history"][2]["eval_loss"]
+    assert svd["config"]["rebuild_cut"] == "svd"
+
+
+def test_svd_schedule_cut_refuses_a_dc_that_compares_factors(tmp_path):
+    cfg = tiny_config(methods=("lora", "hybrid"), rebuild_cut="svd")
+    with pytest.raises(ValueError, match=r"rebuild_cut='svd' with method 'hybrid'.*dc_variant='delta_w'"):
+        grid(cfg)  # before any run of the call starts
+    with pytest.raises(ValueError, match=r"rebuild_cut='svd' with method 'hybrid'"):
+        run_experiment(cfg, "hybrid", 42, tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    assert [m for _, m, *_ in grid(dataclasses.replace(cfg, dc_variant="delta_w"))] == ["lora", "hybrid"]
+    with pytest.raises(ValueError, match="rebuild_cut='top'"):
+        ExperimentConfig(rebuild_cut="top")
