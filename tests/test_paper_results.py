@@ -9,13 +9,15 @@ from conftest import write_fake_run
 
 # per method: (A after Stage 1, A after Stage 2, B after Stage 2) losses for seed 1; seed 2 adds 0.1,
 # seed 3 adds 0.2 to every loss; the base is 5.0 on A and 6.0 on B
-RUNS = {"lora": (4.0, 4.5, 5.0), "dc": (4.0, 4.3, 5.1), "dylora": (4.1, 4.6, 5.2), "hybrid": (4.1, 4.4, 5.3)}
+RUNS = {"lora": (4.0, 4.5, 5.0), "dc": (4.0, 4.3, 5.1), "dylora": (4.1, 4.6, 5.2), "hybrid": (4.1, 4.4, 5.3),
+        "dylora_svdcut": (4.1, 4.5, 5.05)}  # the schedule cut by SVD (`--suffix _svdcut`)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("paper")
-    for method, (a1, a2, b2) in RUNS.items():
+    for run, (a1, a2, b2) in RUNS.items():
+        method = run.removesuffix("_svdcut")
         for seed, shift in ((1, 0.0), (2, 0.1), (3, 0.2)):
             ranks = (64, 32, 16) if method in ("dylora", "hybrid") else (64, 64, 64)
             history = [{"stage": 1, "epoch": 1, "rank": 64, "train_ce": 4.0, "eval_loss": a1 + shift,
@@ -24,7 +26,7 @@ def folder(tmp_path_factory):
                          "trainable_params": 10 * r, "cos_to_stage1": 0.9 if method in ("dc", "hybrid") else 0.5 + shift, "seconds": 1.0}
                         for e, r in enumerate(ranks)]
             ev = lambda loss: {"loss": loss, "acc": 1.0 / loss}  # noqa: E731
-            write_fake_run(out / method / f"seed{seed}", method, seed,
+            write_fake_run(out / run / f"seed{seed}", method, seed,
                            {"A_base": ev(5.0), "B_base": ev(6.0), "A_after_stage1": ev(a1 + shift),
                             "A_after_stage2": ev(a2 + shift), "B_after_stage2": ev(b2 + shift)}, history)
     return out
@@ -47,6 +49,9 @@ def test_the_claims_are_paired_differences(folder):
     row = c.loc[("cosine to Stage 1 at the end", "dc - lora")]
     assert row["diff"] == pytest.approx(0.3) and row["diff_lo"] < 0.3 < row["diff_hi"]
     assert c.loc[("forgetting on A (after Stage 2 - after Stage 1)", "hybrid"), "diff"] == pytest.approx(0.3)
+    row = c.loc[("B loss after Stage 2", "dylora_svdcut - dylora")]  # paired with its slicing run
+    assert (row["diff"], row["diff_lo"], row["diff_hi"]) == pytest.approx((-0.15, -0.15, -0.15))
+    assert c.loc[("forgetting on A", "dylora_svdcut - dylora"), "diff"] == pytest.approx(-0.1)
     curve = stage2_curve(folder).set_index(["run", "epoch"])
     assert curve.loc[("hybrid", 3), "rank"] == 16 and curve.loc[("hybrid", 1), "eval_loss"] == pytest.approx(5.6)
 
