@@ -58,7 +58,7 @@ TINY_MODELS = {TINY_MODEL: "gpt2", "tiny-random-llama": "llama", "tiny-random-qw
 TARGET_KEYWORDS = ("attention", "all-linear")  # target_modules spellings that stand alone
 DEVICES = ("auto", "cpu", "cuda", "mps")
 REBUILD_SCALINGS = ("preserve", "peft")
-REBUILD_CUTS = ("slice", "svd")
+REBUILD_CUTS = ("slice", "svd", "svd_a_scale")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 # Fields that do not change a run's numbers: a run may resume (or be skipped as complete)
 # under a config that differs from its saved config.json only in these.
@@ -127,7 +127,8 @@ class ExperimentConfig:
     rank_schedule: tuple[int, ...] = (64, 32, 16)  # Stage-2 rank of each epoch; later stages keep the last
     rebuild_scaling: str = "preserve"  # "preserve" or "peft" (the original's alpha/r drift)
     # which components a schedule cut keeps: "slice" (the first ones, the paper) or "svd" (the
-    # best rank-k approximation of each module's delta W: rotated into its SVD basis, then sliced)
+    # best rank-k approximation of each module's delta W: rotated into its SVD basis, then sliced);
+    # "svd_a_scale": the same cut with A's rows kept at the old A's RMS norm (ranks.rotate_to_svd_a_scale)
     rebuild_cut: str = "slice"
     # continual-learning baselines (methods l2, ewc, olora, replay); lambdas as in each paper's loss
     lambda_l2: float = 0.1      # sum over modules ||dW - dW_prev||_F^2

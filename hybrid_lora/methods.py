@@ -85,8 +85,8 @@ class Method:
 
     def check_config(self, cfg: ExperimentConfig) -> None:
         """ValueError naming the field when `cfg` asks this method for what it cannot do."""
-        if cfg.rebuild_cut == "svd" and self.dc and self.scheduled and cfg.dc_variant != "delta_w":
-            raise ValueError(f"ExperimentConfig.rebuild_cut='svd' with method {self.name!r} and "
+        if cfg.rebuild_cut != "slice" and self.dc and self.scheduled and cfg.dc_variant != "delta_w":
+            raise ValueError(f"ExperimentConfig.rebuild_cut={cfg.rebuild_cut!r} with method {self.name!r} and "
                              f"dc_variant={cfg.dc_variant!r}: an SVD cut rotates the factors, so DC would "
                              "compare them with the previous adapter's in another basis; use "
                              "dc_variant='delta_w' (basis-free) or rebuild_cut='slice'")

@@ -110,15 +110,35 @@ def rotate_to_svd(model: nn.Module) -> None:
             b.copy_(b_new)
 
 
+CUTS = ("slice", "svd", "svd_a_scale")
+
+
+def rotate_to_svd_a_scale(model: nn.Module) -> None:
+    """Like `rotate_to_svd`, but A's rows stay at the RMS row norm c of the module's old A:
+    A = c Vh, B = U S / c. Same function; A keeps LoRA's scale (its random init's, about
+    0.58), so Adam's steps move B A as fast as before, where the even split shrinks A to
+    sqrt(S) and slows the training that follows a cut."""
+    with torch.no_grad():
+        for _, a, b, _ in lora_factors(model):
+            c = a.detach().double().square().sum(1).mean().sqrt().to(a.dtype)
+            u, s, vh = lora_svd(a.detach(), b.detach())
+            a.copy_(c * vh)
+            b.copy_(u * s / c)
+
+
 def cut_model_to_rank(model: nn.Module, new_r: int, cut: str = "slice", scaling: str = "preserve") -> nn.Module:
     """`model` cut in place to rank `new_r` for further training (a rank schedule's step).
     cut="slice": the first `new_r` components; "svd": each module's best rank-`new_r`
-    approximation of B A (rotated into its SVD basis, then sliced). `scaling` as in
-    `adapters.rebuild_model_for_new_rank`; the caller builds a new optimizer."""
-    if cut not in ("slice", "svd"):
-        raise ValueError(f"cut={cut!r}: must be 'slice' or 'svd'")
+    approximation of B A (rotated into its SVD basis, singular values split evenly, then
+    sliced); "svd_a_scale": the same approximation with A's rows at the old A's RMS norm
+    (`rotate_to_svd_a_scale`). `scaling` as in `adapters.rebuild_model_for_new_rank`; the
+    caller builds a new optimizer."""
+    if cut not in CUTS:
+        raise ValueError(f"cut={cut!r}: must be one of {CUTS}")
     if cut == "svd":
         rotate_to_svd(model)
+    elif cut == "svd_a_scale":
+        rotate_to_svd_a_scale(model)
     return rebuild_model_for_new_rank(model, new_r, scaling=scaling)
 
 

@@ -242,12 +242,19 @@ def delta_ws(model):
     return [(s * b.double() @ a.double()).detach() for _, a, b, s in lora_factors(model)]
 
 
+@pytest.mark.parametrize("cut", ["svd", "svd_a_scale"])
 @pytest.mark.parametrize("scaling", ["preserve", "peft"])
-def test_svd_schedule_cut_keeps_each_modules_best_rank_k_delta_w(cfg, scaling):
+def test_svd_schedule_cut_keeps_each_modules_best_rank_k_delta_w(cfg, scaling, cut):
     model, _ = build_model(cfg)
     randomize_lora(model)
     before, k = delta_ws(model), 3
-    svd_cut = delta_ws(cut_model_to_rank(copy.deepcopy(model), k, "svd", scaling))
+    a_rms = [a.double().square().sum(1).mean().sqrt().item() for _, a, _, _ in lora_factors(model)]
+    cut_model = cut_model_to_rank(copy.deepcopy(model), k, cut, scaling)
+    svd_cut = delta_ws(cut_model)
+    for (_, a, b, _), rms, dw in zip(lora_factors(cut_model), a_rms, before):
+        norms = a.double().norm(dim=1)  # balanced: sqrt of the singular values; else A's old scale
+        want = torch.linalg.svdvals(dw / lora_factors(model)[0][3])[:k].sqrt() if cut == "svd" else torch.full((k,), rms)
+        torch.testing.assert_close(norms, want.double(), atol=1e-5, rtol=1e-5)
     slice_cut = delta_ws(cut_model_to_rank(copy.deepcopy(model), k, "slice", scaling))
     grow = 1.0 if scaling == "preserve" else R / k  # "peft" keeps alpha: alpha/r grows by r/k
     for dw, got, sliced in zip(before, svd_cut, slice_cut):

@@ -11,7 +11,7 @@ over seeds (same seed, same Stage 1, same batches):
 - forgetting: each method's forgetting on A itself (a t-interval that excludes zero is
   forgetting);
 - DC: `dc` - `lora` in the cosine to the Stage-1 adapter and in B's loss after Stage 2;
-- the cut: a run `<run>_svdcut` (the schedule cut by SVD, `rebuild_cut="svd"`) - `<run>`.
+- the cut: a run `<run>_svdcut<anything>` (the schedule cut by SVD, `rebuild_cut`) - `<run>`.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ PAPER_COLUMNS = {  # summary.csv column -> its label in the printed table
     "retention": "retention (acc)",
 }
 PAIRS = (("dylora", "lora"), ("hybrid", "dc"), ("hybrid", "dylora"), ("dc", "lora"), ("lora_small", "lora"))
-SVD_CUT_SUFFIX = "_svdcut"  # `run --suffix _svdcut --set rebuild_cut=svd`: each is paired with its slicing run
+SVD_CUT_SUFFIX = "_svdcut"  # `run --suffix _svdcut... --set rebuild_cut=svd...`: each paired with its slicing run
 
 
 def fmt(mean: float, lo: float, hi: float, digits: int = 4) -> str:
@@ -77,7 +77,7 @@ def _paired(summary, a: str, b: str, col: str) -> tuple:
 
 def paper_claims(out: str | Path):
     """The paper's claims as paired differences over seeds: for each pair of `PAIRS` present
-    (and each `<run>_svdcut` with its `<run>`),
+    (and each `<run>_svdcut...` with its `<run>`),
     run a minus run b in B's loss after Stage 2, in forgetting on A and in the cosine to the
     Stage-1 adapter at the end; then every run's forgetting on A itself. Columns: claim, runs,
     n_seeds, diff, diff_lo, diff_hi."""
@@ -88,7 +88,7 @@ def paper_claims(out: str | Path):
     cos = history[history["stage"] == 2].groupby(["run", "seed"])["cos_to_stage1"].last().rename("cos_end")
     summary = summary.join(cos, on=["run", "seed"])
     rows = []
-    svd_cuts = [(r, r[:-len(SVD_CUT_SUFFIX)]) for r in sorted(runs) if r.endswith(SVD_CUT_SUFFIX)]
+    svd_cuts = [(r, r.split(SVD_CUT_SUFFIX)[0]) for r in sorted(runs) if SVD_CUT_SUFFIX in r]
     for a, b in PAIRS + tuple(svd_cuts):
         if {a, b} <= runs:
             for col, what in (("B_after_stage2_loss", "B loss after Stage 2"), ("delta_loss_A", "forgetting on A"),
