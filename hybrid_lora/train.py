@@ -447,12 +447,19 @@ class _StageLoop:
             self.tracking.log({**{f"train/{k}": v for k, v in zip(parts, values.tolist())},
                                "train/rank": rank}, step)
 
+    def basis_changed(self, epoch: int, rank: int) -> bool:
+        """Whether the factors were rotated in this stage by the end of `epoch` (an SVD cut of the
+        rank schedule, or `svd_nest`'s rotation): B A is kept but A and B are not, so their cosine
+        to the previous stage's factors means nothing and `cos_to_stage1` is left None."""
+        cut = self.cfg.rebuild_cut != "slice" and rank < self.method.train_rank(self.cfg)
+        return cut or bool(self.method.svd_nest and epoch * self.steps_per_epoch > self.nest_from)
+
     def history_row(self, model, epoch, rank, factors, w_prev, terms, sums, ev, start, train_seconds) -> dict:
         """The epoch's row of history.json (HISTORY_KEYS): mean train terms, evaluations `ev`
         ([evaluation texts, validation texts]), cosine to
         the previous stage's adapter, the regularizers' end values and gradient norms, times."""
         cos = None
-        if w_prev is not None:
+        if w_prev is not None and not self.basis_changed(epoch, rank):
             with torch.no_grad():
                 cos = 1.0 - cosine_distance(w_prev, flatten_factors(factors)).item()
         steps = max(sums["steps"], 1)

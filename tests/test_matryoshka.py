@@ -181,6 +181,10 @@ def test_lora_svd_nested_is_plain_lora_then_rotated_and_nested(tmp_path, monkeyp
     assert seen[:5] == ["rotate", "nested", "nested", "nested", "nested"]  # Stage 1: steps 4..7
     assert nested["history"][0]["train_ce"] == plain["history"][0]["train_ce"]  # epoch 1: plain LoRA
     assert nested["history"][1]["train_ce"] != plain["history"][1]["train_ce"]
+    # Stage 2 (3 epochs x 4 steps) rotates at step 6, in epoch 2: from then on the factors'
+    # cosine to Stage 1's means nothing (regression: it was reported)
+    assert [h["cos_to_stage1"] is None for h in nested["history"]] == [True, True, False, True, True]
+    assert [h["cos_to_stage1"] is None for h in plain["history"]] == [True, True, False, False, False]
     rows = json.loads((tmp_path / "lora_svd_nested" / "seed42" / "sweep.json").read_text())
     assert {r["scaling"] for r in rows} == {"preserve"}
     assert get_method("lora_svd_nested").stage1_signature() != get_method("matryoshka").stage1_signature()

@@ -278,6 +278,9 @@ def test_svd_schedule_cut_shares_stage1_and_changes_only_stage2(tmp_path):
     assert svd["history"][1]["eval_loss"] == sliced["history"][1]["eval_loss"]  # the uncut first Stage-2 epoch
     assert svd["history"][2]["eval_loss"] != sliced["history"][2]["eval_loss"]
     assert svd["config"]["rebuild_cut"] == "svd"
+    # the factors are rotated from the first cut on: their cosine to Stage 1's means nothing
+    assert [h["cos_to_stage1"] is None for h in svd["history"]] == [True, False, True, True]
+    assert all(h["cos_to_stage1"] is not None for h in sliced["history"][1:])
 
 
 def test_svd_schedule_cut_refuses_a_dc_that_compares_factors(tmp_path):
