@@ -152,6 +152,7 @@ def plot_stage2_curve(curve, title: str = ""):
             ax.annotate(f"r={rank}", (epoch, loss), xytext=(5, 2), textcoords="offset points",
                         fontsize=7, color=f"C{i % 10}")
     ax.set_xticks(sorted(curve["epoch"].unique()))
+    ax.margins(x=0.08)  # room for the last epoch's rank labels
     ax.set_xlabel("Stage-2 epoch (the LoRA rank of each epoch beside its point)")
     ax.set_ylabel("evaluation loss on B (nats / token)")
     return _finish(fig, ax, title or "Stage 2: loss on the new domain while the rank falls (mean, 95 % CI over seeds)")
