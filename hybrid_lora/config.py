@@ -128,7 +128,7 @@ class ExperimentConfig:
     rebuild_scaling: str = "preserve"  # "preserve" or "peft" (the original's alpha/r drift)
     # which components a schedule cut keeps: "slice" (the first ones, the paper) or "svd" (the
     # best rank-k approximation of each module's delta W: rotated into its SVD basis, then sliced);
-    # "svd_a_scale": the same cut with A's rows kept at the old A's RMS norm (ranks.rotate_to_svd_a_scale)
+    # "svd_a_scale": the same cut with A's rows kept at the old A's RMS norm (ranks.rotate_to_svd)
     rebuild_cut: str = "slice"
     # continual-learning baselines (methods l2, ewc, olora, replay); lambdas as in each paper's loss
     lambda_l2: float = 0.1      # sum over modules ||dW - dW_prev||_F^2

@@ -22,6 +22,7 @@ from torch import nn
 from .adapters import (ADAPTER, component_mask, load_adapter, lora_factors, rebuild_model_for_new_rank,
                        snapshot_factors)
 from .allocation import mask_to_budget
+from .config import REBUILD_CUTS
 from .evaluate import evaluate_loss_and_token_acc
 from .results import read_json, write_json_atomic
 
@@ -99,46 +100,34 @@ def cut_factors(factors, scalings, k: int, kind: str, multiplier: float = 1.0, s
     return svd_allocate(factors, scalings, k, svds)[0]
 
 
-def rotate_to_svd(model: nn.Module) -> None:
+def rotate_to_svd(model: nn.Module, a_scale: bool = False) -> None:
     """Rewrite every module's LoRA factors, in place, as its SVD basis: A = sqrt(S) Vh, B = U sqrt(S)
     with the singular values in falling order, so B A (the function) is unchanged up to float
-    rounding and component i is the i-th singular direction (a slice to k is the SVD cut to k)."""
+    rounding and component i is the i-th singular direction (a slice to k is the SVD cut to k).
+    `a_scale`: A's rows stay at the RMS row norm c of the module's old A instead, A = c Vh,
+    B = U S / c (LoRA's scale, about 0.58 from its random init, where sqrt(S) is far smaller)."""
     with torch.no_grad():
         for _, a, b, _ in lora_factors(model):
-            a_new, b_new = svd_truncate_factors(a.detach(), b.detach(), a.shape[0])
-            a.copy_(a_new)
-            b.copy_(b_new)
-
-
-CUTS = ("slice", "svd", "svd_a_scale")
-
-
-def rotate_to_svd_a_scale(model: nn.Module) -> None:
-    """Like `rotate_to_svd`, but A's rows stay at the RMS row norm c of the module's old A:
-    A = c Vh, B = U S / c. Same function; A keeps LoRA's scale (its random init's, about
-    0.58), so Adam's steps move B A as fast as before, where the even split shrinks A to
-    sqrt(S) and slows the training that follows a cut."""
-    with torch.no_grad():
-        for _, a, b, _ in lora_factors(model):
-            c = a.detach().double().square().sum(1).mean().sqrt().to(a.dtype)
             u, s, vh = lora_svd(a.detach(), b.detach())
-            a.copy_(c * vh)
-            b.copy_(u * s / c)
+            if a_scale:  # (no division by a singular value: a zero one, e.g. of B = 0, stays 0)
+                c = a.detach().double().square().sum(1).mean().sqrt().clamp(min=1e-12).to(a.dtype)
+                a_row, b_col = c.expand_as(s), s / c
+            else:
+                a_row = b_col = s.sqrt()
+            a.copy_(a_row[:, None] * vh)
+            b.copy_(u * b_col)
 
 
 def cut_model_to_rank(model: nn.Module, new_r: int, cut: str = "slice", scaling: str = "preserve") -> nn.Module:
     """`model` cut in place to rank `new_r` for further training (a rank schedule's step).
     cut="slice": the first `new_r` components; "svd": each module's best rank-`new_r`
-    approximation of B A (rotated into its SVD basis, singular values split evenly, then
-    sliced); "svd_a_scale": the same approximation with A's rows at the old A's RMS norm
-    (`rotate_to_svd_a_scale`). `scaling` as in `adapters.rebuild_model_for_new_rank`; the
-    caller builds a new optimizer."""
-    if cut not in CUTS:
-        raise ValueError(f"cut={cut!r}: must be one of {CUTS}")
-    if cut == "svd":
-        rotate_to_svd(model)
-    elif cut == "svd_a_scale":
-        rotate_to_svd_a_scale(model)
+    approximation of B A (rotated into its SVD basis, then sliced); "svd_a_scale": the same
+    approximation with A's rows at the old A's RMS norm (`rotate_to_svd(a_scale=True)`).
+    `scaling` as in `adapters.rebuild_model_for_new_rank`; the caller builds a new optimizer."""
+    if cut not in REBUILD_CUTS:
+        raise ValueError(f"cut={cut!r}: must be one of {REBUILD_CUTS}")
+    if cut != "slice":
+        rotate_to_svd(model, a_scale=cut == "svd_a_scale")
     return rebuild_model_for_new_rank(model, new_r, scaling=scaling)
 
 

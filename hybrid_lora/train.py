@@ -451,7 +451,7 @@ class _StageLoop:
         """Whether the factors were rotated in this stage by the end of `epoch` (an SVD cut of the
         rank schedule, or `svd_nest`'s rotation): B A is kept but A and B are not, so their cosine
         to the previous stage's factors means nothing and `cos_to_stage1` is left None."""
-        cut = self.cfg.rebuild_cut != "slice" and rank < self.method.train_rank(self.cfg)
+        cut = self.cfg.rebuild_cut != "slice" and rank < self.method.stage_ranks(self.cfg, self.stage)[0]
         return cut or bool(self.method.svd_nest and epoch * self.steps_per_epoch > self.nest_from)
 
     def history_row(self, model, epoch, rank, factors, w_prev, terms, sums, ev, start, train_seconds) -> dict:

@@ -293,3 +293,13 @@ def test_svd_schedule_cut_refuses_a_dc_that_compares_factors(tmp_path):
     assert [m for _, m, *_ in grid(dataclasses.replace(cfg, dc_variant="delta_w"))] == ["lora", "hybrid"]
     with pytest.raises(ValueError, match="rebuild_cut='top'"):
         ExperimentConfig(rebuild_cut="top")
+
+
+def test_a_stage_after_the_svd_cuts_reports_its_cosine_again(tmp_path):
+    """Stage 3 starts at the schedule's last rank and cuts nothing: its factors are in the basis of
+    Stage 2's, so its cosine to them is reported (regression: any rank below r hid it)."""
+    cfg = tiny_config(domains=("imdb", "code", "yelp"), epochs_stage2=2, rank_schedule=(8, 4), rebuild_cut="svd",
+                      sweep_ranks=(), sweep_kinds=())
+    run = run_experiment(cfg, "dylora", 42, tmp_path, progress=False)
+    assert [(h["stage"], h["rank"], h["cos_to_stage1"] is None) for h in run["history"]] == \
+        [(1, 8, True), (2, 8, False), (2, 4, True), (3, 4, False), (3, 4, False)]
